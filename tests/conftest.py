@@ -1,0 +1,26 @@
+"""Shared test setup: the hypothesis profile (``dev`` locally, ``ci`` under ``CI=true``)."""
+
+import copy
+
+import pytest
+
+from curvlib import registry
+from curvlib.testing.strategies import load_profile
+
+PROFILE = load_profile()
+
+
+def pytest_report_header(config):
+    return f"hypothesis profile: {PROFILE} (set CURVLIB_HYPOTHESIS_PROFILE to change)"
+
+
+@pytest.fixture
+def clean_registry():
+    """Snapshot the registries and plugin state, and restore them after the test."""
+    entries = copy.copy({k: dict(v) for k, v in registry._entries.items()})
+    loaded = registry._plugins_loaded
+    yield registry
+    registry._entries.clear()
+    registry._entries.update(entries)
+    registry._plugins_loaded = loaded
+    registry._packages_to_distributions.cache_clear()
