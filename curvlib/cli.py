@@ -19,6 +19,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -131,27 +132,44 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     fisher.add_argument(
-        "--num-data", type=_positive_int, default=512, metavar="N",
+        "--num-data",
+        type=_positive_int,
+        default=512,
+        metavar="N",
         help=f"use the first N digits images, 1..{DIGITS_SIZE} (default: 512)",
     )
     fisher.add_argument(
-        "--hidden", type=_hidden_widths, default=[16], metavar="W1,W2,...",
+        "--hidden",
+        type=_hidden_widths,
+        default=[16],
+        metavar="W1,W2,...",
         help="hidden widths, comma-separated; '' for no hidden layer (default: 16)",
     )
     fisher.add_argument(
-        "--mc-samples", type=_sample_counts, default=[1, 8, 64], metavar="S1,S2,...",
+        "--mc-samples",
+        type=_sample_counts,
+        default=[1, 8, 64],
+        metavar="S1,S2,...",
         help="Monte-Carlo sample counts per image, comma-separated (default: 1,8,64)",
     )
     fisher.add_argument(
-        "--damping", type=_positive_float, default=1e-3, metavar="LAMBDA",
-        help="damping λ of the natural gradient (F + λI)^-1 g, > 0 (default: 1e-3)",
+        "--damping",
+        type=_positive_float,
+        default=1e-3,
+        metavar="LAMBDA",
+        help="damping lambda > 0 of the natural gradient (F + lambda I)^-1 g (default: 1e-3)",
     )
     fisher.add_argument(
-        "--seed", type=int, default=0,
+        "--seed",
+        type=int,
+        default=0,
         help="seed of the weight initialisation and of the Monte-Carlo sampling (default: 0)",
     )
     fisher.add_argument(
-        "--json", type=str, default=None, metavar="PATH",
+        "--json",
+        type=str,
+        default=None,
+        metavar="PATH",
         help="also write every number as JSON to PATH",
     )
 
@@ -196,7 +214,7 @@ def build_mlp(widths: Sequence[int], seed: int) -> nn.Sequential:
         raise ValueError(f"an MLP needs an input and an output width, got {list(widths)}")
     generator = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         linear = nn.Linear(fan_in, fan_out, dtype=torch.float64)
         with torch.no_grad():
             nn.init.xavier_uniform_(linear.weight, generator=generator)
@@ -354,7 +372,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        right = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        cells = [row[0].ljust(widths[0]), *right]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return lines
@@ -365,21 +384,17 @@ def format_report(report: dict[str, Any], architecture: str) -> str:
     keys = report["approximations"]
     counts = ", ".join(str(s) for s in report["mc_samples"])
     lines = [
-        "curvlib fisher: exact vs Monte-Carlo vs empirical Fisher of an untrained tanh MLP "
-        "on sklearn digits",
+        "curvlib fisher: exact vs Monte-Carlo vs empirical Fisher, tanh MLP on sklearn digits",
         f"N = {report['N']} images, MLP {architecture}, P = {report['P']} parameters, "
-        f"seed = {report['seed']}, damping lambda = {report['damping']:g}, "
-        f"MC samples S = {counts}",
-        "  exact F     = (1/N) sum_n J_n^T Lambda(f_n) J_n, Lambda = diag(p) - p p^T "
-        "(categorical likelihood)",
-        "  MC F (S)    = (1/(N S)) sum_n sum_s g_ns g_ns^T, g_ns = grad of loss at "
-        "y_ns ~ p(.|f_n) (seeded)",
-        "  empirical F = (1/N) sum_n g_n g_n^T, g_n = grad of loss at the data label y_n",
+        f"seed = {report['seed']}",
+        f"MC samples S = {counts}, damping lambda = {report['damping']:g}; nothing is trained",
+        "  exact F     = (1/N) sum_n J_n^T Lambda(f_n) J_n, Lambda = diag(p) - p p^T (categorical)",
+        "  MC F (S)    = (1/(N S)) sum_n sum_s g_ns g_ns^T, g_ns = grad loss at y_ns ~ p(.|f_n)",
+        "  empirical F = (1/N) sum_n g_n g_n^T, g_n = grad loss at the data label y_n",
         "  rel diff    = ||F_approx - F_exact||_F / ||F_exact||_F on the block",
-        "  cosine      = cos((F_approx + lambda I)^-1 g, (F_exact + lambda I)^-1 g) on the "
-        "block, g = (1/N) sum_n g_n",
-        "  blocks      = each Linear layer's weight and bias; 'all' = full P x P matrices "
-        "(off-diagonal blocks included)",
+        "  cosine      = cos((F_approx + lambda I)^-1 g, (F_exact + lambda I)^-1 g) on the block,",
+        "                g = (1/N) sum_n g_n (block-diagonal natural gradients)",
+        "  blocks      = each Linear layer's weight and bias; 'all' = the full P x P matrices",
         "",
         "Fisher blocks: size, exact trace and norm; relative Frobenius difference to exact",
     ]
@@ -417,7 +432,7 @@ def _run_fisher(args: argparse.Namespace) -> int:
     if args.num_data > DIGITS_SIZE:
         parser.error(f"--num-data must be at most {DIGITS_SIZE} (the size of digits)")
     widths = [DIGITS_IN, *args.hidden, DIGITS_OUT]
-    num_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    num_params = sum(a * b + b for a, b in itertools.pairwise(widths))
     if num_params > MAX_PARAMETERS:
         parser.error(
             f"--hidden {','.join(map(str, args.hidden))} gives P = {num_params} parameters; "
@@ -460,8 +475,8 @@ def _run_plugins() -> int:
         "\nTo register a component, decorate it in your own code:\n"
         '    @curvlib.register("likelihood", "poisson")\n'
         "    class Poisson(curvlib.Likelihood): ...\n"
-        f"or, from an installed package, declare the {ENTRY_POINT_GROUP!r} entry-point group "
-        "in its pyproject.toml:\n"
+        f"or, from an installed package, declare the {ENTRY_POINT_GROUP!r} entry-point "
+        "group\nin its pyproject.toml:\n"
         f'    [project.entry-points."{ENTRY_POINT_GROUP}"]\n'
         '    poisson = "curvlib_poisson"   # a module whose import registers components\n'
         f"The kinds are: {', '.join(KINDS)}."

@@ -89,7 +89,9 @@ _entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
 _plugins_loaded = False
 # While an entry point loads: its distribution name, and the registrations it made so far.
 _loading_origin: str | None = None
-_loading_made: list[tuple[str, str]] | None = None
+_loading_made: list[tuple[str, str, Registration | None]] | None = None
+# Entry points (name, value) that loaded successfully; reload=True skips them.
+_loaded_entry_points: set[tuple[str, str]] = set()
 
 
 def _check_kind(kind: str) -> dict[str, Registration]:
@@ -107,12 +109,12 @@ def _packages_to_distributions() -> Mapping[str, list[str]]:
 
 
 def _origin_of(obj: Any) -> str:
-    if _loading_origin is not None:
-        return _loading_origin
     module = getattr(obj, "__module__", None) or type(obj).__module__
     top = module.split(".")[0]
     if top == "curvlib":
         return "curvlib"
+    if _loading_origin is not None:
+        return _loading_origin
     dists = _packages_to_distributions().get(top)
     return dists[0] if dists else top
 
@@ -145,9 +147,9 @@ def register(kind: str, name: str, *, overwrite: bool = False) -> Callable[[T], 
                 f"{kind} {name!r} is already registered (by {old.origin}: {old.obj!r}); "
                 f"pass overwrite=True to replace it, or choose another name"
             )
-        table[name] = Registration(kind, name, obj, _origin_of(obj))
         if _loading_made is not None:
-            _loading_made.append((kind, name))
+            _loading_made.append((kind, name, table.get(name)))
+        table[name] = Registration(kind, name, obj, _origin_of(obj))
         return obj
 
     return decorator
@@ -205,9 +207,9 @@ def available(kind: str | None = None) -> dict[str, dict[str, str]]:
 
 
 @contextmanager
-def _loading(origin: str) -> Iterator[list[tuple[str, str]]]:
+def _loading(origin: str) -> Iterator[list[tuple[str, str, Registration | None]]]:
     global _loading_origin, _loading_made
-    made: list[tuple[str, str]] = []
+    made: list[tuple[str, str, Registration | None]] = []
     _loading_origin, _loading_made = origin, made
     try:
         yield made
@@ -224,16 +226,17 @@ def load_plugins(*, reload: bool = False) -> None:
 
     Each entry point names a module, whose import registers components, or a function of no
     arguments, which is called. A plugin that raises is skipped with a
-    :class:`PluginLoadWarning` and every registration it made is rolled back. With
-    ``reload=True`` the modules of entry points that were imported before are imported again
-    only if they are no longer in ``sys.modules``; use it after installing a package at run
-    time.
+    :class:`PluginLoadWarning` and every registration it made is rolled back (an entry it
+    overwrote is restored). With ``reload=True`` the entry points that have not loaded
+    successfully yet are tried (again); use it after installing a package at run time.
     """
     global _plugins_loaded
     if _plugins_loaded and not reload:
         return
     _plugins_loaded = True
     for ep in _entry_points():
+        if (ep.name, ep.value) in _loaded_entry_points:
+            continue
         dist = getattr(ep, "dist", None)
         origin = dist.name if dist is not None else ep.value.split(".")[0].split(":")[0]
         with _loading(origin) as made:
@@ -242,8 +245,11 @@ def load_plugins(*, reload: bool = False) -> None:
                 if inspect.isfunction(loaded):
                     loaded()
             except Exception as exc:
-                for kind, name in made:
-                    _entries[kind].pop(name, None)
+                for kind, name, replaced in reversed(made):  # undo, restoring overwrites
+                    if replaced is None:
+                        _entries[kind].pop(name, None)
+                    else:
+                        _entries[kind][name] = replaced
                 module = ep.value.split(":")[0]
                 sys.modules.pop(module, None)  # a retry with reload=True imports it afresh
                 warnings.warn(
@@ -252,3 +258,5 @@ def load_plugins(*, reload: bool = False) -> None:
                     PluginLoadWarning,
                     stacklevel=2,
                 )
+            else:
+                _loaded_entry_points.add((ep.name, ep.value))

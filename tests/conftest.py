@@ -19,7 +19,10 @@ def clean_registry():
     """Snapshot the registries and plugin state, and restore them after the test."""
     entries = copy.copy({k: dict(v) for k, v in registry._entries.items()})
     loaded = registry._plugins_loaded
+    done = set(registry._loaded_entry_points)
     yield registry
+    registry._loaded_entry_points.clear()
+    registry._loaded_entry_points.update(done)
     registry._entries.clear()
     registry._entries.update(entries)
     registry._plugins_loaded = loaded

@@ -69,6 +69,13 @@ N = 5  # samples per batch
 SEEDS = [0, 1]
 LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]
 
+# BackPACK's full backward hook on the first layer fires although the inputs do not require
+# gradients; torch warns about that, and it is harmless here (BackPACK needs only the gradient
+# with respect to the layer's output).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Full backward hook is firing when gradients are computed:UserWarning"
+)
+
 
 # ---------------------------------------------------------------------------------- models
 # Each builder takes the number of outputs K and returns (module, input shape of one sample).

@@ -164,3 +164,32 @@ def test_broken_entry_points_warn_are_skipped_and_roll_back(plugin_path):
     assert "half_solver" not in listing["solver"]  # rolled back
     assert listing["solver"]["fine_solver"] == "fine-plugin"  # others still load
     assert curvlib.get("likelihood", "gaussian") is curvlib.Gaussian  # built-in intact
+
+
+def test_a_failing_plugin_restores_what_it_overwrote_and_reload_skips_loaded_ones(plugin_path):
+    make_distribution(
+        plugin_path, "overwriting-plugin", "1.0",
+        {"over": "fakeplug_over", "ok": "fakeplug_ok:setup"},
+        {
+            "fakeplug_over": """
+                import curvlib
+                curvlib.register("likelihood", "gaussian", overwrite=True)(object)
+                raise RuntimeError("fails after overwriting")
+            """,
+            "fakeplug_ok": """
+                import curvlib
+                CALLS = []
+                def setup():
+                    CALLS.append(1)
+                    curvlib.register("solver", "ok_solver")(object)
+            """,
+        },
+    )
+    curvlib.registry._plugins_loaded = False
+    with pytest.warns(PluginLoadWarning, match="fails after overwriting"):
+        curvlib.available()
+    assert curvlib.get("likelihood", "gaussian") is curvlib.Gaussian
+    assert curvlib.available("likelihood")["likelihood"]["gaussian"] == "curvlib"
+    with pytest.warns(PluginLoadWarning, match="fails after overwriting"):  # retried
+        curvlib.registry.load_plugins(reload=True)
+    assert sys.modules["fakeplug_ok"].CALLS == [1]  # a loaded plugin is not run twice

@@ -157,8 +157,9 @@ def make_targets(
     """Random targets a likelihood accepts for outputs ``(batch_size, *output_shape)``.
 
     ``categorical``: class indices ``(N, *output_shape[1:])``; ``bernoulli``: 0/1 values;
-    ``gaussian``: standard normal values, both of the outputs' shape. These are *data*
-    targets (for the empirical Fisher and gradients), not draws from the model.
+    ``gaussian``: standard normal values, both of the outputs' shape; any other registered
+    likelihood: its own ``sample`` at standard-normal outputs. These are *data* targets (for
+    the empirical Fisher and gradients), not draws from the model.
     """
     gen = _seeded_generator(seed)
     shape = (batch_size, *output_shape)
@@ -168,9 +169,9 @@ def make_targets(
         return torch.randint(2, shape, generator=gen).to(dtype)
     if likelihood == "gaussian":
         return torch.randn(shape, generator=gen, dtype=dtype)
-    raise ValueError(
-        f"make_targets knows the built-in likelihoods {BUILTIN_LIKELIHOODS}, got {likelihood!r}"
-    )
+    # any other (plugin) likelihood: targets drawn from it at standard-normal outputs
+    outputs = torch.randn(shape, generator=gen, dtype=dtype)
+    return as_likelihood(likelihood).sample(outputs, generator=gen)
 
 
 @dataclass(frozen=True)

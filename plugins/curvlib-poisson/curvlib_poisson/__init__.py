@@ -24,10 +24,9 @@ The model output ``f`` is the log-rate of independent Poisson counts, ``λ = exp
 
 from __future__ import annotations
 
+import curvlib
 import torch
 from torch import Tensor
-
-import curvlib
 
 __all__ = ["Poisson"]
 

@@ -1,0 +1,5 @@
+"""``python -m curvlib``: the ``curvlib`` command (see :mod:`curvlib.cli`)."""
+
+from curvlib.cli import main
+
+raise SystemExit(main())
