@@ -15,13 +15,13 @@ distribution ``p(y | f)``. It gives
 One *sample* is always one row of the batch (index ``n`` of dimension 0); every other output
 dimension belongs to that sample and the per-sample loss **sums** over it. The built-ins:
 
-========================  ================================  ==========================================
-name                      torch loss it matches             ``Λ(f)`` per sample
-========================  ================================  ==========================================
-``categorical``           ``CrossEntropyLoss``              ``diag(p) − p pᵀ`` per position
-``bernoulli``             ``BCEWithLogitsLoss``             ``diag(σ(f)(1 − σ(f)))``
-``gaussian``              ``0.5 * MSELoss`` (unit variance) ``I``
-========================  ================================  ==========================================
+=================  =================================  ===================================
+name               torch loss it matches              ``Λ(f)`` per sample
+=================  =================================  ===================================
+``categorical``    ``CrossEntropyLoss``               ``diag(p) − p pᵀ`` per position
+``bernoulli``      ``BCEWithLogitsLoss``              ``diag(σ(f)(1 − σ(f)))``
+``gaussian``       ``0.5 * MSELoss`` (unit variance)  ``I``
+=================  =================================  ===================================
 
 With torch's default ``reduction="mean"`` those losses average over *all* elements; ours average
 over samples only, so ``mean(ℓ_n) = torch_loss(reduction="sum") / N`` (times ½ for the

@@ -157,7 +157,7 @@ def test_bad_inputs_have_clear_errors():
         cat.loss(f, torch.rand(3))
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         cat.loss(f, torch.zeros(3, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="at least 2 classes.*bernoulli"):
+    with pytest.raises(ValueError, match=r"at least 2 classes.*bernoulli"):
         cat.fisher(torch.randn(3, 1))
     with pytest.raises(ValueError, match="batch dimension first"):
         curvlib.Gaussian().fisher(torch.tensor(1.0))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -107,13 +108,13 @@ class ModelSpec:
             torch.manual_seed(self.seed)
             if self.kind == "mlp":
                 sizes = (self.in_shape[0], *self.widths)
-                for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+                for a, b in pairwise(sizes):
                     layers += [nn.Linear(a, b, bias=self.bias), act()]
                 layers.append(nn.Linear(sizes[-1], self.out_features, bias=self.bias))
             else:
                 conv = nn.Conv1d if self.kind == "cnn1d" else nn.Conv2d
                 channels = (self.in_shape[0], *self.widths)
-                for a, b in zip(channels[:-1], channels[1:], strict=True):
+                for a, b in pairwise(channels):
                     layers += [
                         conv(a, b, self.kernel, self.stride, self.padding, bias=self.bias),
                         act(),
