@@ -43,10 +43,18 @@ APPROX_TITLES = [f"MC S={s}" for s in MC_SAMPLES] + ["empirical"]
 APPROX_KEYS = [f"mc_{s}" for s in MC_SAMPLES] + ["empirical"]
 
 
+def _require_sklearn() -> None:
+    """Fail (never skip): the test command installs the bench extra, so sklearn is there."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        pytest.fail(NEEDS_SKLEARN)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     """``(stdout, json report)`` of one small ``curvlib fisher`` run."""
-    pytest.importorskip("sklearn", reason=NEEDS_SKLEARN)
+    _require_sklearn()
     path = tmp_path_factory.mktemp("cli") / "fisher.json"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -58,7 +66,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model and data of the shared run, rebuilt here: digits straight from sklearn."""
-    pytest.importorskip("sklearn", reason=NEEDS_SKLEARN)
+    _require_sklearn()
     from sklearn.datasets import load_digits
 
     digits = load_digits()
