@@ -71,13 +71,15 @@ def test_exact_fisher_is_jt_lambda_j_and_the_ggn(problem):
     assert_psd(fisher, what="exact Fisher")
 
 
-@given(problems(likelihoods=("categorical",), kinds=("mlp", "cnn1d")))
+@given(problems(likelihoods=("categorical",), kinds=("mlp", "cnn1d"), spatial_output=False))
 def test_categorical_exact_fisher_is_the_expectation_over_classes(problem):
-    """For (N, C) outputs: F = (1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ, enumerating every class."""
+    """For (N, C) outputs: F = (1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ, enumerating every class.
+
+    Spatial outputs (joint targets over positions) are enumerated in test_likelihoods.
+    """
     m, x = problem.model, problem.inputs
     out = m(x)
-    if out.dim() != 2:
-        return  # spatial outputs are enumerated in test_likelihoods (joint targets)
+    assert out.dim() == 2
     probs = out.softmax(1)
     expected = 0
     for c in range(out.shape[1]):
@@ -201,6 +203,7 @@ def test_blocks_split_along_parameters(problem):
     parts = oracles.blocks(fisher, m)
     sizes = [p.numel() for p in m.parameters()]
     assert [b.shape for b in parts] == [(s, s) for s in sizes]
+    # rtol=0: exact equality, the blocks are slices of the same matrix
     assert_close(torch.block_diag(*parts).diagonal(), fisher.diagonal(), rtol=0.0)
     with pytest.raises(ValueError, match="does not match"):
         oracles.blocks(torch.zeros(sum(sizes) + 1, sum(sizes) + 1, dtype=F64), m)

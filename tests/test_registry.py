@@ -50,7 +50,7 @@ def test_builtin_likelihoods_are_listed_with_their_origin():
 def test_register_returns_the_object_and_records_the_module_origin(clean_registry):
     @curvlib.register("solver", "my_solver")
     class MySolver:
-        pass
+        """A stand-in component: the registry stores any object."""
 
     assert curvlib.get("solver", "my_solver") is MySolver
     assert curvlib.available("solver") == {"solver": {"my_solver": __name__.split(".")[0]}}
@@ -116,7 +116,7 @@ def test_entry_point_is_loaded_lazily_once_and_credited_to_its_distribution(plug
                 import curvlib
                 @curvlib.register("damping", "fake_damping")
                 class FakeDamping:
-                    pass
+                    'Registered by the module import.'
             """,
         },
     )

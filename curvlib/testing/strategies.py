@@ -288,15 +288,18 @@ def problems(
     bias: bool | None = None,
     sizes: st.SearchStrategy[int] | None = None,
     dtype: torch.dtype = torch.float64,
+    spatial_output: bool | None = None,
 ) -> Problem:
     """A :class:`Problem`: a drawn model, a likelihood, matching inputs and data targets.
 
     Categorical problems get at least two classes. ``sizes`` draws the batch size
-    (default :func:`batch_sizes`, from 1).
+    (default :func:`batch_sizes`, from 1); ``kinds``, ``bias`` and ``spatial_output`` are
+    passed to :func:`model_specs`.
     """
     likelihood = draw(st.sampled_from(likelihoods))
     min_out = 2 if likelihood == "categorical" else 1
-    spec = draw(model_specs(kinds=kinds, bias=bias, min_out=min_out))
+    spec = draw(model_specs(kinds=kinds, bias=bias, min_out=min_out,
+                            spatial_output=spatial_output))
     n = draw(sizes if sizes is not None else batch_sizes())
     return Problem.make(spec, likelihood, n, draw(seeds()), dtype)
 
