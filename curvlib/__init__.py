@@ -6,23 +6,34 @@ Public entry points:
   (:mod:`curvlib.registry`);
 * :class:`Likelihood` and the built-ins :class:`Categorical`, :class:`Bernoulli`,
   :class:`Gaussian` (:mod:`curvlib.likelihoods`);
+* :func:`per_sample_grads` and :func:`gram` — per-sample quantities by parameter name, through
+  the curvature sources (:mod:`curvlib.sources`) and layer plugins (:mod:`curvlib.layers`);
+* :class:`Capture` — record layer inputs and output gradients (:mod:`curvlib.capture`);
 * :mod:`curvlib.testing` — dense float64 oracles, hypothesis strategies and assertions.
 """
 
+from curvlib import layers
+from curvlib.capture import Capture
 from curvlib.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, as_likelihood
 from curvlib.registry import KINDS, available, get, register
+from curvlib.sources import Statistics, gram, per_sample_grads
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "KINDS",
     "Bernoulli",
+    "Capture",
     "Categorical",
     "Gaussian",
     "Likelihood",
+    "Statistics",
     "__version__",
     "as_likelihood",
     "available",
     "get",
+    "gram",
+    "layers",
+    "per_sample_grads",
     "register",
 ]

@@ -1,0 +1,288 @@
+r"""Record layer inputs ``X`` and output gradients ``Z`` during forward and backward.
+
+:class:`Capture` is a context manager. While it is active, every call of a watched module
+appends a :class:`Call` holding the call's positional inputs (detached: ``X``), its output
+``Y`` (still attached to the graph) and, once a backward pass reaches ``Y``, the gradient
+``Z = ∂(loss)/∂Y`` of whatever scalar was differentiated::
+
+    with Capture(model) as cap:
+        outputs = model(inputs)
+        cap.backward_to_outputs(likelihood.loss(outputs, targets).sum())
+    for module, calls in cap.calls.items():
+        X, Z = calls[0].inputs[0], calls[0].grad_output
+
+Rules it keeps:
+
+* **Nothing is written onto user modules.** Hooks are registered through PyTorch's hook
+  handles and removed on exit, also when the body raises.
+* **Every call is recorded.** A module called several times in one forward (weight
+  sharing, a layer applied at several positions) gets one :class:`Call` per call, in order.
+* ``Z`` is read by a hook on the output tensor registered at forward time, so it is the
+  gradient with respect to the value the module returned, even if a later in-place
+  operation (``ReLU(inplace=True)``) overwrote that tensor.
+* A later backward pass overwrites ``Z`` (the calls keep the latest one);
+  :meth:`Capture.clear_grads` forgets them.
+* :meth:`Capture.backward_to_outputs` differentiates a scalar down to the recorded outputs
+  only, so no parameter gradient is computed or accumulated (FNGD, Section IV-C): the
+  per-sample quantities follow from ``X`` and ``Z`` through the layer plugins.
+
+Watched modules are, by default, the modules that directly own a trainable parameter
+(:func:`parameter_owners`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Call", "Capture", "CaptureError", "parameter_owners"]
+
+
+class CaptureError(RuntimeError):
+    """A capture was used in a way that cannot give correct per-sample quantities."""
+
+
+@dataclass
+class Call:
+    """One call of a watched module.
+
+    Attributes:
+        inputs: the positional arguments, tensors detached from the graph (``X`` is
+            ``inputs[0]`` for single-input layers).
+        kwargs: the keyword arguments, tensors detached.
+        output: the returned tensor ``Y``, attached to the graph (``None`` once released).
+        grad_output: ``Z = ∂(scalar)/∂Y`` from the latest backward pass, else ``None``.
+        output_version: ``Y``'s version counter right after the call; a larger value later
+            means an in-place operation changed ``Y``.
+    """
+
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Tensor | None
+    grad_output: Tensor | None = None
+    output_version: int = 0
+    _handle: Any = field(default=None, repr=False)
+
+    @property
+    def input(self) -> Tensor:
+        """The first positional input ``X``."""
+        return self.inputs[0]
+
+    @property
+    def batch_size(self) -> int:
+        """Size of dimension 0 of ``X``."""
+        return int(self.inputs[0].shape[0])
+
+
+def parameter_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that directly own a trainable parameter, by their qualified name.
+
+    A module "owns" a parameter when the parameter is in its own ``_parameters`` (not in a
+    child's). The model itself is included when it owns one. Tied parameters appear under
+    every owner.
+    """
+    owners: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=True):
+        if any(p is not None and p.requires_grad for p in module._parameters.values()):
+            owners[name] = module
+    return owners
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+class Capture:
+    """Context manager that records ``X``, ``Y`` and ``Z`` for a set of modules.
+
+    Args:
+        modules: a model (its :func:`parameter_owners` are watched), or an iterable of
+            modules, or a mapping name → module.
+
+    Attributes:
+        calls: module → list of :class:`Call`, in call order (filled while active).
+        names: module → its name (qualified name within the model, or its position).
+    """
+
+    def __init__(self, modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module]):
+        if isinstance(modules, nn.Module):
+            named = parameter_owners(modules)
+        elif isinstance(modules, dict):
+            named = dict(modules)
+        else:
+            named = {str(i): m for i, m in enumerate(modules)}
+        for name, module in named.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"Capture watches torch.nn.Module objects; entry {name!r} is a "
+                    f"{type(module).__name__}"
+                )
+        self.names: dict[nn.Module, str] = {m: n for n, m in named.items()}
+        self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.names}
+        self._handles: list[Any] = []
+        self._recording = False
+        self._active = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Capture:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Register the hooks (what ``with`` does on entry)."""
+        if self._active:
+            raise CaptureError("this Capture is already active; it cannot be entered twice")
+        try:
+            for module in self.names:
+                self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        self._active = True
+        self._recording = True
+
+    def stop(self) -> None:
+        """Remove every hook (what ``with`` does on exit); recorded calls are kept."""
+        self._remove()
+        self._active = False
+        self._recording = False
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for calls in self.calls.values():
+            for call in calls:
+                if call._handle is not None:
+                    call._handle.remove()
+                    call._handle = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are registered."""
+        return self._active
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Do not record calls inside this block (used when plugins re-run a module)."""
+        previous = self._recording
+        self._recording = False
+        try:
+            yield
+        finally:
+            self._recording = previous
+
+    def clear(self) -> None:
+        """Forget every recorded call (the hooks stay registered)."""
+        for calls in self.calls.values():
+            for call in calls:
+                if call._handle is not None:
+                    call._handle.remove()
+            calls.clear()
+
+    def clear_grads(self) -> None:
+        """Forget the recorded output gradients ``Z`` (keep ``X`` and ``Y``)."""
+        for calls in self.calls.values():
+            for call in calls:
+                call.grad_output = None
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._recording:
+            return
+        if not isinstance(output, Tensor):
+            raise CaptureError(
+                f"module {self.names[module]!r} ({type(module).__name__}) returned a "
+                f"{type(output).__name__}; curvlib's capture needs modules that return one "
+                f"tensor. Wrap the module, or exclude its parameters from the optimizer."
+            )
+        call = Call(_detach(tuple(args)), _detach(dict(kwargs)), output)
+        call.output_version = output._version
+        if output.requires_grad:
+
+            def store(grad: Tensor, call: Call = call) -> None:
+                call.grad_output = grad.detach()
+
+            call._handle = output.register_hook(store)
+        self.calls[module].append(call)
+
+    # -- backward to the outputs ---------------------------------------------------------------
+
+    def recorded_outputs(self) -> list[Tensor]:
+        """The recorded outputs ``Y`` that take part in the graph."""
+        return [
+            c.output
+            for calls in self.calls.values()
+            for c in calls
+            if c.output is not None and c.output.requires_grad
+        ]
+
+    def backward_to_outputs(
+        self, scalar: Tensor, *, retain_graph: bool = False
+    ) -> None:
+        """Differentiate ``scalar`` down to the recorded outputs and record every ``Z``.
+
+        No parameter gradient is computed or accumulated. Calls whose output does not
+        influence ``scalar`` get a zero ``Z``. If an in-place operation overwrote a
+        recorded output, the gradient is taken with respect to the parameters instead (the
+        output hooks still see the right ``Z``), which costs the parameter gradients but
+        keeps the result exact.
+        """
+        if scalar.dim() != 0:
+            raise ValueError(
+                f"backward_to_outputs needs a scalar, got shape {tuple(scalar.shape)}; "
+                f"sum the per-sample losses first"
+            )
+        calls = [
+            c for cs in self.calls.values() for c in cs
+            if c.output is not None and c.output.requires_grad
+        ]
+        if not calls:
+            raise CaptureError(
+                "no recorded module output requires a gradient: run the forward pass inside "
+                "the capture, with parameters that require gradients"
+            )
+        for c in calls:
+            c.grad_output = None
+        overwritten = any(c.output._version != c.output_version for c in calls)
+        if overwritten:
+            targets: list[Tensor] = []
+            seen: set[int] = set()
+            for module in self.calls:
+                for p in module.parameters(recurse=False):
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        targets.append(p)
+        else:
+            targets = [c.output for c in calls]
+        torch.autograd.grad(scalar, targets, retain_graph=retain_graph, allow_unused=True)
+        for c in calls:
+            if c.grad_output is None:
+                c.grad_output = torch.zeros_like(c.output).detach()
+
+    def release_outputs(self) -> None:
+        """Drop the references to the outputs ``Y`` (frees the graph once nothing else holds it)."""
+        for calls in self.calls.values():
+            for c in calls:
+                if c._handle is not None:
+                    c._handle.remove()
+                    c._handle = None
+                c.output = None

@@ -1,0 +1,165 @@
+r"""Layer plugins for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+A convolution with ``G`` groups computes at every output pixel ``t``
+``y[n, t, g] = W_g x[n, t, g] + b_g``, where ``x[n, t, g]`` is group ``g``'s input patch
+(``(I/G)·∏kernel`` values) and ``W_g`` the ``(O/G) × (I/G)·∏kernel`` slice of the weight.
+The per-sample gradient sums over pixels, ``U = Σ_t Z_t ⊙ X_t`` (FNGD eq. 13), so the Gram is
+either the contraction over pixel pairs or the inner products of the materialised gradients,
+whichever costs fewer multiply-adds (:mod:`._patch`). Patches come from ``F.unfold`` (1-D and
+2-D) or from a convolution with a one-hot kernel (3-D). Stride, padding (numbers, ``"same"``,
+``"valid"``, every ``padding_mode``), dilation, groups and bias are supported.
+
+The weighted gradient ``Σ_n c_n g_n`` never unfolds: it is the convolution's own weight
+gradient (``torch.nn.grad.conv{1,2,3}d_weight``) of the scaled output gradient ``c⊙Z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlib.capture import Call
+from curvlib.layers.base import LayerPluginError, work_dtype
+from curvlib.layers.linear import PatchPlugin
+from curvlib.registry import register
+
+__all__ = ["Conv1dPlugin", "Conv2dPlugin", "Conv3dPlugin", "ConvPlugin", "unfold"]
+
+_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial dimension, for numbers, ``'same'`` and ``'valid'``."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in module.padding]
+
+
+def padded_input(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input the convolution really sees, and the padding left for the op to apply.
+
+    Zero padding given as numbers stays with the op; ``'same'``/``'valid'`` and the
+    ``reflect``/``replicate``/``circular`` modes are applied here with ``F.pad``.
+    """
+    if not isinstance(module.padding, str) and module.padding_mode == "zeros":
+        return x, tuple(module.padding)
+    pads = _explicit_padding(module)
+    flat = [v for pair in reversed(pads) for v in pair]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    if any(flat):
+        x = F.pad(x, flat, mode=mode)
+    return x, (0,) * len(pads)
+
+
+def unfold(x: Tensor, kernel_size: tuple[int, ...], *, stride: tuple[int, ...],
+           padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    """Input patches ``(N, C·∏kernel, S)`` of an ``N × C × spatial`` input, any dimension 1–3.
+
+    Column ``s`` holds the patch that output pixel ``s`` (row-major) sees, ordered channel
+    first, then kernel positions row-major — the order of a flattened ``(C, *kernel)``
+    weight slice.
+    """
+    dim = len(kernel_size)
+    if dim == 2:
+        return F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    if dim == 1:
+        return F.unfold(x.unsqueeze(2), (1, kernel_size[0]), dilation=(1, dilation[0]),
+                        padding=(0, padding[0]), stride=(1, stride[0]))
+    if dim == 3:
+        c = x.shape[1]
+        k = math.prod(kernel_size)
+        eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *kernel_size)
+        patches = F.conv3d(x, eye.repeat(c, 1, 1, 1, 1), stride=stride, padding=padding,
+                           dilation=dilation, groups=c)
+        return patches.reshape(x.shape[0], c * k, -1)
+    raise LayerPluginError(f"unfold supports 1 to 3 spatial dimensions, got {dim}")
+
+
+class ConvPlugin(PatchPlugin):
+    """Shared implementation of the 1-D, 2-D and 3-D convolution plugins."""
+
+    dim: int = 2
+
+    def groups(self, module: nn.Module) -> int:
+        """The convolution's ``groups``."""
+        return int(module.groups)
+
+    def _check_conv(self, module: nn.Module) -> None:
+        if getattr(module, "transposed", False):
+            raise LayerPluginError(
+                f"{type(module).__name__} is a transposed convolution; the convolution "
+                f"plugins handle nn.Conv1d/2d/3d only (the generic plugin handles others)"
+            )
+
+    def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
+        """Patches ``(N, S, G, (I/G)·∏k)`` and output gradients ``(N, S, G, O/G)``."""
+        self._check_conv(module)
+        x, z = call.input, call.grad_output
+        if x.dim() != self.dim + 2:
+            raise LayerPluginError(
+                f"{type(module).__name__} input of shape {tuple(x.shape)}: curvlib needs a "
+                f"batch dimension, (N, C, {', '.join('*' * self.dim)})"
+            )
+        dtype = work_dtype(x, z)
+        x, padding = padded_input(module, x.to(dtype))
+        cols = unfold(x, tuple(module.kernel_size), stride=tuple(module.stride),
+                      padding=padding, dilation=tuple(module.dilation))
+        n, g = x.shape[0], self.groups(module)
+        xs = cols.reshape(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
+        zs = z.to(dtype).reshape(n, g, z.shape[1] // g, -1).permute(0, 3, 1, 2)
+        if xs.shape[1] != zs.shape[1]:
+            raise LayerPluginError(
+                f"{type(module).__name__}: {xs.shape[1]} input patches but {zs.shape[1]} "
+                f"output positions; was the module's forward changed?"
+            )
+        return xs, zs
+
+    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
+        """``conv_weight(X, c⊙Z)``: the ordinary weight gradient of the scaled ``Z``."""
+        self._check_conv(module)
+        x, padding = padded_input(module, call.input.to(cz.dtype))
+        return _WEIGHT_GRAD[self.dim](
+            x, module.weight.shape, cz, stride=module.stride, padding=padding,
+            dilation=module.dilation, groups=module.groups,
+        )
+
+    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """Sum of the output gradient over samples and pixels, per channel."""
+        return grad_output.transpose(0, 1).reshape(grad_output.shape[1], -1).sum(1)
+
+
+@register("layer", "conv1d")
+class Conv1dPlugin(ConvPlugin):
+    """``nn.Conv1d`` (and subclasses)."""
+
+    module_types = (nn.Conv1d,)
+    dim = 1
+
+
+@register("layer", "conv2d")
+class Conv2dPlugin(ConvPlugin):
+    """``nn.Conv2d`` (and subclasses)."""
+
+    module_types = (nn.Conv2d,)
+    dim = 2
+
+
+@register("layer", "conv3d")
+class Conv3dPlugin(ConvPlugin):
+    """``nn.Conv3d`` (and subclasses)."""
+
+    module_types = (nn.Conv3d,)
+    dim = 3

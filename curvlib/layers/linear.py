@@ -1,0 +1,166 @@
+r"""Layer plugins for ``nn.Linear`` and the shared base of position-summed layers.
+
+``nn.Linear`` maps ``(N, *, D)`` to ``(N, *, O)``; every extra dimension ``*`` is a
+position ``t`` whose contributions sum in the sample's gradient (a sequence, a set of
+tokens): ``g_n = Σ_t z_{nt} x_{nt}ᵀ``. Several calls of one module in a forward pass add
+positions. The Gram uses FNGD's Khatri–Rao identity ``(ZZᵀ) ∗ (XXᵀ)`` (extended exactly to
+positions) or materialisation, whichever costs fewer multiply-adds (:mod:`._patch`); the
+weighted gradient is ``(c⊙Z)ᵀX``, one matrix product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.capture import Call
+from curvlib.layers import _patch
+from curvlib.layers._patch import GramMethod
+from curvlib.layers.base import (
+    KFACFactors,
+    LayerPlugin,
+    LayerPluginError,
+    trainable_parameters,
+    work_dtype,
+)
+from curvlib.registry import register
+
+__all__ = ["LinearPlugin", "PatchPlugin"]
+
+
+class PatchPlugin(LayerPlugin):
+    """Base of plugins for layers ``y[n,t,g] = W_g x[n,t,g] + b_g`` (Linear, convolutions).
+
+    Subclasses implement :meth:`patches` and :meth:`weighted_weight`; everything else
+    follows. ``gram_method`` is ``"auto"`` (the cheaper of contraction and materialisation),
+    ``"contract"`` or ``"materialise"``.
+    """
+
+    def __init__(self, gram_method: GramMethod = "auto"):
+        _patch.choose_gram_method(gram_method, 1, 1, 1, 1, 1)  # validates the name
+        self.gram_method = gram_method
+
+    def groups(self, module: nn.Module) -> int:
+        """Number of weight groups ``G``."""
+        return 1
+
+    def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
+        """``X (N, T, G, D)`` and ``Z (N, T, G, O/G)`` of one call, in the working dtype."""
+        raise NotImplementedError
+
+    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
+        """The weight gradient of one call for the output gradient ``cz`` (already scaled)."""
+        raise NotImplementedError
+
+    def _all_patches(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+        self.check(module, calls)
+        pairs = [self.patches(module, c) for c in calls]
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+
+    def per_sample_grads(self, module: nn.Module, calls: Sequence[Call]) -> dict[str, Tensor]:
+        """``Σ_t z xᵀ`` for the weight and ``Σ_t z`` for the bias, per sample."""
+        params = trainable_parameters(module)
+        x, z = self._all_patches(module, calls)
+        n = x.shape[0]
+        out = {}
+        if "weight" in params:
+            out["weight"] = _patch.per_sample_weight(x, z).reshape(n, *module.weight.shape)
+        if "bias" in params:
+            out["bias"] = z.sum(1).reshape(n, -1)
+        return out
+
+    def gram(self, module: nn.Module, calls: Sequence[Call]) -> dict[str, Tensor]:
+        """Weight Gram by contraction or materialisation (see ``gram_method``); bias ``Z̄Z̄ᵀ``."""
+        params = trainable_parameters(module)
+        x, z = self._all_patches(module, calls)
+        out = {}
+        if "weight" in params:
+            out["weight"] = _patch.weight_gram(x, z, self.gram_method)
+        if "bias" in params:
+            zb = z.sum(1).reshape(z.shape[0], -1)
+            out["bias"] = zb @ zb.T
+        return out
+
+    def weighted_grads(
+        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
+    ) -> dict[str, Tensor]:
+        """``Σ_n c_n g_n``: the layer's own weight-gradient operation applied to ``c⊙Z``."""
+        self.check(module, calls)
+        params = trainable_parameters(module)
+        n = calls[0].batch_size
+        if coefficients.shape != (n,):
+            raise ValueError(
+                f"coefficients must have shape ({n},) for a batch of {n}, got "
+                f"{tuple(coefficients.shape)}"
+            )
+        out: dict[str, Tensor] = {}
+        for call in calls:
+            dtype = work_dtype(call.input, call.grad_output, coefficients)
+            z = call.grad_output.to(dtype)
+            cz = z * coefficients.to(dtype).reshape(n, *([1] * (z.dim() - 1)))
+            if "weight" in params:
+                w = self.weighted_weight(module, call, cz)
+                out["weight"] = w if "weight" not in out else out["weight"] + w
+            if "bias" in params:
+                b = self.bias_grad(module, cz)
+                out["bias"] = b if "bias" not in out else out["bias"] + b
+        return out
+
+    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """The bias gradient for an output gradient (sum over samples and positions)."""
+        raise NotImplementedError
+
+    def kfac_factors(
+        self, module: nn.Module, calls: Sequence[Call], *, mode: str = "expand"
+    ) -> KFACFactors:
+        """Input and output-gradient covariances, the bias folded into the input factor.
+
+        ``expand`` treats every position as a sample of the factors (KFC for
+        convolutions; KFAC-expand for sequences): ``A = (1/(NT)) Σ_{n,t} x̄ x̄ᵀ`` and
+        ``B = (1/N) Σ_{n,t} z zᵀ``. ``reduce`` averages inputs and sums output gradients
+        over positions first. With ``T = 1`` both are the classic KFAC factors, and for one
+        sample ``B ⊗ A`` is exactly that sample's ``g gᵀ``.
+        """
+        params = trainable_parameters(module)
+        x, z = self._all_patches(module, calls)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise LayerPluginError(f"{type(module).__name__} has no weight")
+        a, b = _patch.kfac(
+            x, z, fold_bias="bias" in params, has_weight="weight" in params, mode=mode
+        )
+        return KFACFactors(a, b, "weight" in params, "bias" in params,
+                           tuple(weight.shape), mode)
+
+
+@register("layer", "linear")
+class LinearPlugin(PatchPlugin):
+    """``nn.Linear`` (and subclasses): inputs ``(N, *, D)``, positions ``*`` summed."""
+
+    module_types = (nn.Linear,)
+
+    def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
+        """Inputs and output gradients as ``(N, T, 1, D)`` and ``(N, T, 1, O)``."""
+        x, z = call.input, call.grad_output
+        if x.dim() < 2:
+            raise LayerPluginError(
+                f"Linear input of shape {tuple(x.shape)} has no batch dimension; curvlib "
+                f"needs (N, *, in_features)"
+            )
+        dtype = work_dtype(x, z)
+        n = x.shape[0]
+        return (x.to(dtype).reshape(n, -1, 1, x.shape[-1]),
+                z.to(dtype).reshape(n, -1, 1, z.shape[-1]))
+
+    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
+        """``(c⊙Z)ᵀ X`` over all samples and positions."""
+        x = call.input.to(cz.dtype)
+        return cz.reshape(-1, cz.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """Sum of the output gradient over samples and positions."""
+        return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)

@@ -1,0 +1,600 @@
+r"""Curvature sources (kind ``source``): a batch in, :class:`Statistics` out.
+
+A source decides *which targets* the gradients use and *what* it hands to a structure:
+
+================  ====================  =====================================================
+name              targets               statistics
+================  ====================  =====================================================
+``true_fisher``   sampled ``y ~ p(·|f)``  batch-averaged sampled gradients (TNT), or per-sample
+                  (``num_samples`` S)    gradients with ``per_sample=True``
+``empirical``     the data's targets     per-sample gradients (and everything derived)
+``gram``          data (or ``sampled``)  per-sample Gram blocks and weighted gradients
+================  ====================  =====================================================
+
+:class:`Statistics` is the one type every source returns. Its quantities are computed on
+demand from what the source recorded and cached:
+
+* :meth:`Statistics.batch_grads` — ``(S, *shape)`` per parameter: draw ``s``'s gradient of
+  the mean loss, ``(1/N) Σ_n g_{n,s}``;
+* :meth:`Statistics.per_sample_grads` — ``(S·N, *shape)``: rows ordered draw-major
+  (``row = s·N + n``), each ``g_{n,s}`` not divided by ``N``;
+* :meth:`Statistics.gram` — ``(S·N, S·N)`` per parameter, ``UᵀU`` of those rows;
+* :meth:`Statistics.weighted_grads` — ``Σ_r c_r g_r`` for coefficients over the rows;
+* :meth:`Statistics.kfac_factors` — per layer (module name).
+
+With these rows, ``(1/(S·N)) Σ_r g_r g_rᵀ`` is the MC Fisher (sampled) or the empirical
+Fisher (data targets) of :mod:`curvlib.testing.oracles`. Per-sample quantities go through
+the layer plugins (:mod:`curvlib.layers`), so registered layers never materialise what
+they need not. Randomness comes only from the caller's :class:`torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.capture import Call, Capture
+from curvlib.layers.base import LayerPlugin, plugin_for, trainable_parameters
+from curvlib.likelihoods import Likelihood, as_likelihood
+from curvlib.registry import get, register
+
+__all__ = [
+    "PROVIDES",
+    "Empirical",
+    "GramSource",
+    "Source",
+    "SourceError",
+    "Statistics",
+    "TrueFisher",
+    "as_source",
+    "gram",
+    "per_sample_grads",
+]
+
+#: Names of the quantities a source can provide (``Source.provides``).
+PROVIDES: tuple[str, ...] = (
+    "batch_grads", "per_sample_grads", "gram", "weighted_grads", "kfac_factors"
+)
+
+
+class SourceError(RuntimeError):
+    """A source cannot produce what was asked (the message says what would)."""
+
+
+@dataclass
+class _Layer:
+    """One watched module with its plugin, its row-stacked calls and its parameters."""
+
+    name: str
+    module: nn.Module
+    plugin: LayerPlugin
+    calls: list[Call]
+    params: dict[str, str]  # local name -> global parameter name
+
+
+@dataclass
+class Statistics:
+    """The statistics a source hands to a structure (see the module docstring).
+
+    Attributes:
+        source: the name of the source that made them.
+        batch_size: ``N``, samples in the batch.
+        num_samples: ``S``, target draws per sample (1 with data targets).
+        sampled: whether the targets were drawn from the model's predictive distribution.
+        provides: the quantities this object may be asked for (a subset of
+            :data:`PROVIDES`).
+        loss: the mean loss with the data's targets, detached, if they were given.
+        shapes: parameter name → shape, for every parameter covered, in model order.
+    """
+
+    source: str
+    batch_size: int
+    num_samples: int
+    sampled: bool
+    provides: frozenset[str]
+    loss: Tensor | None = None
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+    _layers: list[_Layer] = field(default_factory=list, repr=False)
+    _batch_grads: dict[str, Tensor] | None = field(default=None, repr=False)
+    _per_sample: dict[str, Tensor] | None = field(default=None, repr=False)
+    _gram: dict[str, Tensor] | None = field(default=None, repr=False)
+    _capture: Capture | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        """``S·N``: the number of per-sample gradient rows."""
+        return self.batch_size * self.num_samples
+
+    def _need(self, what: str) -> None:
+        if what not in self.provides:
+            offering = ", ".join(sorted(self.provides)) or "nothing"
+            raise SourceError(
+                f"source {self.source!r} does not provide {what!r} (it provides: "
+                f"{offering}). Use a source that does: empirical or gram, or "
+                f"TrueFisher(per_sample=True) for sampled per-sample quantities"
+            )
+
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
+        ctx = self._capture.paused() if self._capture is not None else nullcontext()
+        with ctx:
+            yield
+
+    def _owners(self) -> dict[str, list[tuple[_Layer, str]]]:
+        owners: dict[str, list[tuple[_Layer, str]]] = {}
+        for layer in self._layers:
+            for local, name in layer.params.items():
+                owners.setdefault(name, []).append((layer, local))
+        return owners
+
+    def per_sample_grads(self) -> dict[str, Tensor]:
+        """Parameter name → ``(S·N, *shape)`` per-sample gradients (cached)."""
+        self._need("per_sample_grads")
+        if self._per_sample is None:
+            out: dict[str, Tensor] = {}
+            with self._quiet():
+                for layer in self._layers:
+                    if not layer.calls:
+                        continue
+                    for local, g in layer.plugin.per_sample_grads(layer.module,
+                                                                   layer.calls).items():
+                        name = layer.params[local]
+                        out[name] = g if name not in out else out[name] + g
+            self._per_sample = self._complete(out, lambda s: (self.rows, *s))
+        return self._per_sample
+
+    def gram(self) -> dict[str, Tensor]:
+        """Parameter name → ``(S·N, S·N)`` per-sample Gram ``UᵀU`` (cached).
+
+        Uses each plugin's Gram (Khatri–Rao or patch contraction where cheaper); a
+        parameter shared by several modules is summed first, then its Gram is formed.
+        """
+        self._need("gram")
+        if self._gram is None:
+            owners = self._owners()
+            shared = {name for name, own in owners.items() if len(own) > 1}
+            out: dict[str, Tensor] = {}
+            with self._quiet():
+                for layer in self._layers:
+                    if not layer.calls:
+                        continue
+                    if all(name in shared for name in layer.params.values()):
+                        continue
+                    for local, k in layer.plugin.gram(layer.module, layer.calls).items():
+                        name = layer.params[local]
+                        if name not in shared:
+                            out[name] = k
+                if shared:
+                    grads = self._per_sample_raw(shared)
+                    for name in shared:
+                        flat = grads[name].reshape(self.rows, -1)
+                        out[name] = flat @ flat.T
+            self._gram = self._complete(out, lambda s: (self.rows, self.rows))
+        return self._gram
+
+    def _per_sample_raw(self, names: set[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for layer in self._layers:
+            if not layer.calls or not set(layer.params.values()) & names:
+                continue
+            for local, g in layer.plugin.per_sample_grads(layer.module, layer.calls).items():
+                name = layer.params[local]
+                if name in names:
+                    out[name] = g if name not in out else out[name] + g
+        return self._complete(out, lambda s: (self.rows, *s), only=names)
+
+    def weighted_grads(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """Parameter name → ``Σ_r c_r g_r`` for coefficients ``(S·N,)`` over the rows.
+
+        Registered layers never materialise per-sample gradients for this (Linear:
+        ``(c⊙Z)ᵀX``; convolution: its weight gradient of ``c⊙Z``).
+        """
+        self._need("weighted_grads")
+        if coefficients.dim() != 1 or coefficients.shape[0] != self.rows:
+            raise ValueError(
+                f"coefficients must have shape ({self.rows},) (S·N rows), got "
+                f"{tuple(coefficients.shape)}"
+            )
+        out: dict[str, Tensor] = {}
+        with self._quiet():
+            for layer in self._layers:
+                if not layer.calls:
+                    continue
+                c = coefficients.to(layer.calls[0].grad_output.device)
+                for local, g in layer.plugin.weighted_grads(layer.module, layer.calls,
+                                                            c).items():
+                    name = layer.params[local]
+                    out[name] = g if name not in out else out[name] + g
+        return self._complete(out, lambda s: tuple(s))
+
+    def batch_grads(self) -> dict[str, Tensor]:
+        """Parameter name → ``(S, *shape)``: each draw's gradient of the mean loss."""
+        self._need("batch_grads")
+        if self._batch_grads is None:
+            n, s = self.batch_size, self.num_samples
+            per_draw = []
+            for k in range(s):
+                c = torch.zeros(self.rows, dtype=torch.float64)
+                c[k * n:(k + 1) * n] = 1.0 / n
+                per_draw.append(self.weighted_grads(c))
+            self._batch_grads = {
+                name: torch.stack([d[name] for d in per_draw]) for name in self.shapes
+            }
+        return self._batch_grads
+
+    def kfac_factors(self, mode: str = "expand") -> dict[str, Any]:
+        """Module name → :class:`~curvlib.layers.KFACFactors` for layers whose plugin has them.
+
+        Modules whose plugin has no Kronecker factors raise
+        :class:`~curvlib.layers.LayerPluginError` naming the module.
+        """
+        self._need("kfac_factors")
+        out = {}
+        with self._quiet():
+            for layer in self._layers:
+                if layer.calls:
+                    out[layer.name] = layer.plugin.kfac_factors(layer.module, layer.calls,
+                                                                mode=mode)
+        return out
+
+    def _complete(self, values: dict[str, Tensor], shape_of, only: set[str] | None = None
+                  ) -> dict[str, Tensor]:
+        """Model-ordered dict; zeros for parameters whose modules were not called."""
+        out = {}
+        ref = next(iter(values.values()), None)
+        for name, shape in self.shapes.items():
+            if only is not None and name not in only:
+                continue
+            if name in values:
+                out[name] = values[name]
+            else:
+                dtype = ref.dtype if ref is not None else torch.float32
+                device = ref.device if ref is not None else None
+                out[name] = torch.zeros(shape_of(shape), dtype=dtype, device=device)
+        return out
+
+
+class Source(abc.ABC):
+    """Base class of curvature sources (kind ``source``).
+
+    A source turns one batch — the model outputs of a forward pass made under a
+    :class:`~curvlib.capture.Capture`, and the data targets — into :class:`Statistics`.
+    It may run backward passes (with ``retain_graph=True``, so the caller's own backward
+    still works) but never touches parameter ``.grad``.
+    """
+
+    #: Registry name.
+    name: ClassVar[str] = ""
+
+    @property
+    @abc.abstractmethod
+    def provides(self) -> frozenset[str]:
+        """The quantities its statistics offer (a subset of :data:`PROVIDES`)."""
+
+    @property
+    def needs_capture(self) -> bool:
+        """Whether :meth:`collect` needs the forward pass recorded by a capture."""
+        return True
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether :meth:`collect` needs the data's targets."""
+        return True
+
+    @abc.abstractmethod
+    def collect(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        outputs: Tensor,
+        targets: Tensor | None,
+        *,
+        capture: Capture | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Statistics:
+        """Statistics of one batch (see the class docstring)."""
+
+
+def _trainable_names(model: nn.Module) -> dict[str, torch.Size]:
+    return {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _stack_calls(calls: list[Call], grads: list[list[Tensor]]) -> list[Call]:
+    """Row-stack ``S`` backward passes: inputs repeated, output gradients concatenated."""
+    if len(grads) == 1:
+        return [Call(c.inputs, c.kwargs, c.output, g, c.output_version)
+                for c, g in zip(calls, grads[0], strict=True)]
+    s = len(grads)
+    stacked = []
+    for i, c in enumerate(calls):
+        n = c.batch_size
+
+        def rep(v: Any, n: int = n) -> Any:
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+                return v.unsqueeze(0).expand(s, *v.shape).reshape(s * n, *v.shape[1:])
+            return v
+
+        z = torch.cat([g[i] for g in grads], 0)
+        stacked.append(Call(tuple(rep(v) for v in c.inputs),
+                            {k: rep(v) for k, v in c.kwargs.items()}, None, z))
+    return stacked
+
+
+class _OutputGradientSource(Source):
+    """Shared machinery: backward passes to the layer outputs with data or sampled targets."""
+
+    _provides: ClassVar[frozenset[str]] = frozenset(PROVIDES)
+
+    def __init__(self, *, targets: Literal["data", "sampled"] = "data", num_samples: int = 1):
+        if targets not in ("data", "sampled"):
+            raise ValueError(f"targets must be 'data' or 'sampled', got {targets!r}")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if targets == "data" and num_samples != 1:
+            raise ValueError("num_samples > 1 needs sampled targets (targets='sampled')")
+        self.targets = targets
+        self.num_samples = int(num_samples)
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """See :data:`PROVIDES`."""
+        return self._provides
+
+    @property
+    def needs_targets(self) -> bool:
+        """Only data targets need the caller's targets."""
+        return self.targets == "data"
+
+    def _draws(self, likelihood: Likelihood, outputs: Tensor, targets: Tensor | None,
+               generator: torch.Generator | None) -> list[Tensor]:
+        if self.targets == "data":
+            if targets is None:
+                raise SourceError(
+                    f"source {self.name!r} uses the data's targets, but none were given; pass "
+                    f"targets, or use the true_fisher source to sample them"
+                )
+            return [targets]
+        detached = outputs.detach()
+        return [likelihood.sample(detached, generator=generator)
+                for _ in range(self.num_samples)]
+
+    def collect(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        outputs: Tensor,
+        targets: Tensor | None,
+        *,
+        capture: Capture | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Statistics:
+        """Backward passes of the summed per-sample losses to the recorded layer outputs."""
+        if capture is None:
+            raise SourceError(
+                f"source {self.name!r} needs the forward pass recorded: run the model inside "
+                f"`with curvlib.capture.Capture(model) as cap:` and pass capture=cap"
+            )
+        lik = as_likelihood(likelihood)
+        draws = self._draws(lik, outputs, targets, generator)
+        grads: dict[nn.Module, list[list[Tensor]]] = {m: [] for m in capture.calls}
+        with capture.paused():
+            for y in draws:
+                capture.backward_to_outputs(lik.loss(outputs, y).sum(), retain_graph=True)
+                for module, calls in capture.calls.items():
+                    grads[module].append([c.grad_output for c in calls])
+        index = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        layers = []
+        for module, calls in capture.calls.items():
+            local = trainable_parameters(module)
+            params = {k: index[id(p)] for k, p in local.items() if id(p) in index}
+            if not params:
+                continue
+            stacked = _stack_calls(calls, grads[module]) if calls else []
+            layers.append(_Layer(capture.names[module], module, plugin_for(module),
+                                 stacked, params))
+        covered = {n for layer in layers for n in layer.params.values()}
+        shapes = {n: s for n, s in _trainable_names(model).items() if n in covered}
+        loss = None
+        if targets is not None:
+            with torch.no_grad():
+                loss = lik.mean_loss(outputs.detach(), targets)
+        return Statistics(self.name, int(outputs.shape[0]), len(draws),
+                          self.targets == "sampled", self.provides, loss, shapes,
+                          layers, _capture=capture)
+
+
+@register("source", "true_fisher")
+class TrueFisher(_OutputGradientSource):
+    """Gradients with targets sampled from the model: ``y ~ p(· | f(x))``, ``S`` draws.
+
+    Args:
+        num_samples: ``S``, draws per sample.
+        per_sample: ``False`` (default, as TNT): only the batch-averaged sampled gradient
+            per draw, from one ordinary backward pass each (works for any model, no
+            capture needed); ``True``: per-sample sampled gradients through the layer
+            plugins (everything in :data:`PROVIDES`).
+    """
+
+    name = "true_fisher"
+
+    def __init__(self, num_samples: int = 1, per_sample: bool = False):
+        super().__init__(targets="sampled", num_samples=num_samples)
+        self.per_sample = bool(per_sample)
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """``batch_grads`` only, unless ``per_sample=True``."""
+        return frozenset(PROVIDES) if self.per_sample else frozenset({"batch_grads"})
+
+    @property
+    def needs_capture(self) -> bool:
+        """Only the per-sample mode needs the layer records."""
+        return self.per_sample
+
+    def collect(self, model, likelihood, outputs, targets, *, capture=None, generator=None):
+        """Per-sample mode: as the base; batch mode: ``∂/∂θ`` of each draw's mean loss."""
+        if self.per_sample:
+            return super().collect(model, likelihood, outputs, targets, capture=capture,
+                                   generator=generator)
+        lik = as_likelihood(likelihood)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        draws = self._draws(lik, outputs, None, generator)
+        per_draw = []
+        ctx = capture.paused() if capture is not None else nullcontext()
+        with ctx:
+            for y in draws:
+                g = torch.autograd.grad(lik.mean_loss(outputs, y), list(named.values()),
+                                        retain_graph=True, allow_unused=True)
+                per_draw.append([torch.zeros_like(p) if gi is None else gi
+                                 for gi, p in zip(g, named.values(), strict=True)])
+        batch = {n: torch.stack([d[i] for d in per_draw]).detach()
+                 for i, n in enumerate(named)}
+        loss = None
+        if targets is not None:
+            with torch.no_grad():
+                loss = lik.mean_loss(outputs.detach(), targets)
+        return Statistics(self.name, int(outputs.shape[0]), len(draws), True, self.provides,
+                          loss, {n: p.shape for n, p in named.items()}, _batch_grads=batch)
+
+    def __repr__(self) -> str:
+        return f"TrueFisher(num_samples={self.num_samples}, per_sample={self.per_sample})"
+
+
+@register("source", "empirical")
+class Empirical(_OutputGradientSource):
+    """Per-sample gradients with the data's own targets (the empirical Fisher's rows)."""
+
+    name = "empirical"
+
+    def __init__(self) -> None:
+        super().__init__(targets="data", num_samples=1)
+
+    def __repr__(self) -> str:
+        return "Empirical()"
+
+
+@register("source", "gram")
+class GramSource(_OutputGradientSource):
+    """Per-sample Gram blocks ``UᵀU`` and weighted gradients (FNGD's statistics).
+
+    Args:
+        targets: ``"data"`` (default, FNGD) or ``"sampled"`` (natural gradient with the
+            true Fisher's low-rank form).
+        num_samples: draws per sample with sampled targets.
+
+    It provides ``gram`` and ``weighted_grads`` (and ``per_sample_grads`` for checks), not
+    Kronecker factors or batch gradients: structures that need those should say so.
+    """
+
+    name = "gram"
+    _provides = frozenset({"gram", "weighted_grads", "per_sample_grads"})
+
+    def __init__(self, targets: Literal["data", "sampled"] = "data", num_samples: int = 1):
+        super().__init__(targets=targets, num_samples=num_samples)
+
+    def __repr__(self) -> str:
+        return f"GramSource(targets={self.targets!r}, num_samples={self.num_samples})"
+
+
+def as_source(source: str | Source | type[Source], **options: Any) -> Source:
+    """A source object from a registered name, a class or an object.
+
+    ``options`` are passed to the constructor for names and classes.
+    """
+    if isinstance(source, Source):
+        if options:
+            raise TypeError("options can only be given with a source name or class")
+        return source
+    cls = get("source", source) if isinstance(source, str) else source
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise TypeError(f"{source!r} is not a curvlib source (a curvlib.sources.Source)")
+    return cls(**options)
+
+
+def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
+         source: str | Source, generator: torch.Generator | None, what: str) -> Statistics:
+    if isinstance(source, str) and source == "true_fisher":
+        src: Source = TrueFisher(per_sample=True)
+    else:
+        src = as_source(source)
+    if what not in src.provides:
+        raise SourceError(
+            f"source {src!r} does not provide {what!r}; pass source='empirical', 'gram' or "
+            f"TrueFisher(per_sample=True)"
+        )
+    lik = as_likelihood(likelihood)
+    if not src.needs_targets:
+        targets = None
+    with Capture(model) as cap:
+        outputs = model(inputs)
+        stats = src.collect(model, lik, outputs, targets, capture=cap, generator=generator)
+    cap.release_outputs()
+    return stats
+
+
+def per_sample_grads(
+    model: nn.Module,
+    likelihood: Any,
+    inputs: Any,
+    targets: Tensor | None = None,
+    *,
+    source: str | Source = "empirical",
+    generator: torch.Generator | None = None,
+    backend: Literal["curvlib", "backpack"] = "curvlib",
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``g_n = ∂ℓ_n/∂θ`` by parameter name, each ``(N, *shape)``.
+
+    Args:
+        model: any module; registered layers use their plugins, others ``torch.func``.
+        likelihood: a registered name or a :class:`~curvlib.likelihoods.Likelihood`.
+        inputs: the batch, passed as ``model(inputs)``.
+        targets: the data's targets (ignored by ``true_fisher``, which samples them).
+        source: ``"empirical"`` (data targets), ``"true_fisher"`` (one sampled target per
+            sample), ``"gram"``, or a source object (e.g. ``TrueFisher(num_samples=4,
+            per_sample=True)`` for ``(S·N, *shape)`` rows, draw-major).
+        generator: the :class:`torch.Generator` sampled targets come from.
+        backend: ``"curvlib"`` (default) or ``"backpack"`` (BackPACK's BatchGrad, and
+            SqrtGGNMC for sampled targets, on the layers BackPACK supports; see
+            :mod:`curvlib.backends.backpack`).
+
+    The model is run once in its current mode; parameter ``.grad`` is not touched.
+    """
+    if backend == "backpack":
+        from curvlib.backends.backpack import per_sample_grads as bp_grads
+
+        return bp_grads(model, likelihood, inputs, targets, source=source, generator=generator)
+    if backend != "curvlib":
+        raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
+    return _run(model, likelihood, inputs, targets, source, generator,
+                "per_sample_grads").per_sample_grads()
+
+
+def gram(
+    model: nn.Module,
+    likelihood: Any,
+    inputs: Any,
+    targets: Tensor | None = None,
+    *,
+    source: str | Source = "empirical",
+    generator: torch.Generator | None = None,
+    backend: Literal["curvlib", "backpack"] = "curvlib",
+) -> dict[str, Tensor]:
+    """Per-sample Gram ``UᵀU`` (``N × N``, entry ``g_mᵀ g_n``) by parameter name.
+
+    Arguments as :func:`per_sample_grads`. With the curvlib backend, Linear and
+    convolution layers never materialise per-sample gradients unless that is cheaper.
+    """
+    if backend == "backpack":
+        grads = per_sample_grads(model, likelihood, inputs, targets, source=source,
+                                 generator=generator, backend="backpack")
+        return {n: g.reshape(g.shape[0], -1) @ g.reshape(g.shape[0], -1).T
+                for n, g in grads.items()}
+    if backend != "curvlib":
+        raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
+    return _run(model, likelihood, inputs, targets, source, generator, "gram").gram()
