@@ -10,6 +10,8 @@ Strategies:
 * :func:`model_specs` — small MLPs and CNNs (Conv1d / Conv2d), with or without bias, several
   activations, optionally a spatial (fully convolutional) output;
 * :func:`problems` — a :class:`Problem`: model, likelihood, matching inputs and targets;
+* :func:`linear_cases`, :func:`conv_cases`, :func:`generic_cases` — single modules with
+  their calls, for the layer-plugin contract (:mod:`curvlib.testing.contract`);
 * :func:`spd_matrices` — symmetric positive-definite matrices with a controlled spectrum;
 * :func:`tensor_shapes` (order 1–4), :func:`batch_sizes` (from 1), :func:`dampings`
   (log-uniform), :func:`seeds`, :func:`likelihood_names`.
@@ -26,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -35,14 +37,20 @@ from torch import Tensor, nn
 
 from curvlib.likelihoods import as_likelihood
 
+if TYPE_CHECKING:
+    from curvlib.testing.contract import LayerCase
+
 __all__ = [
     "ACTIVATIONS",
     "BUILTIN_LIKELIHOODS",
     "ModelSpec",
     "Problem",
     "batch_sizes",
+    "conv_cases",
     "dampings",
+    "generic_cases",
     "likelihood_names",
+    "linear_cases",
     "load_profile",
     "make_targets",
     "model_specs",
@@ -356,3 +364,143 @@ def load_profile(name: str | None = None) -> str:
         )
     settings.load_profile(name)
     return name
+
+
+# -- single-layer cases for the layer-plugin contract (curvlib.testing.contract) ------------
+
+
+def _case(description: str, module: nn.Module, calls: list) -> LayerCase:
+    from curvlib.testing.contract import LayerCase
+
+    return LayerCase(description, module, tuple(calls))
+
+
+def _randn(gen: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+@st.composite
+def linear_cases(draw: st.DrawFn, max_calls: int = 2) -> LayerCase:
+    """``nn.Linear`` with or without bias, inputs ``(N, *, D)`` with 0–2 extra dimensions,
+    called 1–``max_calls`` times in one forward (weight sharing; extra dims may differ)."""
+
+    d_in, d_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    bias = draw(st.booleans())
+    n = draw(batch_sizes(1, 4))
+    seed = draw(seeds())
+    n_calls = draw(st.integers(1, max_calls))
+    extras = [tuple(draw(st.lists(st.integers(1, 3), max_size=2))) for _ in range(n_calls)]
+    gen = _seeded_generator(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = nn.Linear(d_in, d_out, bias=bias).double()
+    calls = [((_randn(gen, n, *e, d_in),), {}) for e in extras]
+    desc = f"Linear({d_in}, {d_out}, bias={bias}) N={n} extra dims per call={extras}"
+    return _case(desc, module, calls)
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn, dims: tuple[int, ...] = (1, 2, 3), max_calls: int = 2
+               ) -> LayerCase:
+    """``nn.Conv{1,2,3}d`` over stride, padding (numbers, ``'same'``, ``'valid'``, every
+    ``padding_mode``), dilation, groups and bias, called 1–``max_calls`` times (inputs of
+    different spatial sizes)."""
+    dim = draw(st.sampled_from(dims))
+    groups = draw(st.integers(1, 2))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    padding_kind = draw(st.sampled_from(["numbers", "same", "valid"]))
+    if padding_kind == "same":
+        stride: tuple[int, ...] = (1,) * dim
+        padding: Any = "same"
+    else:
+        stride = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+        padding = (tuple(draw(st.integers(0, 2)) for _ in range(dim))
+                   if padding_kind == "numbers" else "valid")
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    bias = draw(st.booleans())
+    n = draw(batch_sizes(1, 3))
+    seed = draw(seeds())
+    if padding == "same":
+        pads = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    elif padding == "valid":
+        pads = [0] * dim
+    else:
+        pads = [2 * p for p in padding]
+    # inputs large enough for the kernel and for reflect padding (pad < side)
+    low = [max(d * (k - 1) + 1 - p, max(p // 2, p - p // 2) + 1, 1)
+           for k, d, p in zip(kernel, dilation, pads, strict=True)]
+    n_calls = draw(st.integers(1, max_calls))
+    sides = [tuple(draw(st.integers(lo, lo + 2)) for lo in low) for _ in range(n_calls)]
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = conv(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, bias=bias, padding_mode=mode).double()
+    gen = _seeded_generator(seed)
+    calls = [((_randn(gen, n, c_in, *s),), {}) for s in sides]
+    desc = (f"Conv{dim}d({c_in}, {c_out}, kernel={kernel}, stride={stride}, padding={padding!r},"
+            f" dilation={dilation}, groups={groups}, bias={bias}, padding_mode={mode!r}) "
+            f"N={n} input sides per call={sides}")
+    return _case(desc, module, calls)
+
+
+class _Scale(nn.Module):
+    """A parameter of its own and a child with parameters (only its own are its to handle)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.inner = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) * self.scale
+
+
+@st.composite
+def generic_cases(draw: st.DrawFn) -> LayerCase:
+    """Modules no built-in plugin handles: norms (LayerNorm, GroupNorm, BatchNorm in eval),
+    Embedding, PReLU, Bilinear, transposed convolutions and a module with its own parameter
+    and a child — the generic plugin's territory."""
+    kind = draw(st.sampled_from(["layernorm", "groupnorm", "batchnorm_eval", "embedding",
+                                 "prelu", "bilinear", "convtranspose1d", "convtranspose2d",
+                                 "scale"]))
+    n = draw(batch_sizes(1, 3))
+    seed = draw(seeds())
+    gen = _seeded_generator(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "layernorm":
+            module, args = nn.LayerNorm(3), (_randn(gen, n, 2, 3),)
+            with torch.no_grad():
+                module.weight.normal_()
+                module.bias.normal_()
+        elif kind == "groupnorm":
+            module, args = nn.GroupNorm(2, 4), (_randn(gen, n, 4, 3),)
+        elif kind == "batchnorm_eval":
+            module = nn.BatchNorm1d(3)
+            with torch.no_grad():
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+            module.eval()
+            args = (_randn(gen, n, 3),)
+        elif kind == "embedding":
+            module = nn.Embedding(5, 3)
+            args = (torch.randint(5, (n, 4), generator=gen),)
+        elif kind == "prelu":
+            module, args = nn.PReLU(3), (_randn(gen, n, 3, 2),)
+        elif kind == "bilinear":
+            module = nn.Bilinear(2, 3, 2)
+            args = (_randn(gen, n, 2), _randn(gen, n, 3))
+        elif kind == "convtranspose1d":
+            module = nn.ConvTranspose1d(2, 3, 2, stride=2)
+            args = (_randn(gen, n, 2, 3),)
+        elif kind == "convtranspose2d":
+            module = nn.ConvTranspose2d(2, 2, 2, groups=2)
+            args = (_randn(gen, n, 2, 2, 3),)
+        else:
+            module, args = _Scale(3), (_randn(gen, n, 3),)
+    module = module.double()
+    return _case(f"{kind} N={n} seed={seed}", module, [(args, {})])
