@@ -1,0 +1,160 @@
+"""Capture: hooks come and go cleanly, every call is recorded, Z is right after in-place ops."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvlib.capture import Capture, CaptureError, parameter_owners
+from curvlib.testing.assertions import assert_close
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def _hooks(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in module.modules())
+
+
+def test_watches_parameter_owners_and_records_x_and_z():
+    model = _model()
+    assert list(parameter_owners(model)) == ["0", "2"]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Capture(model) as cap:
+        hidden = model[0](x)
+        hidden.retain_grad()
+        out = model[2](torch.tanh(hidden))
+        loss = out.square().sum()
+        loss.backward()
+    first, last = cap.calls[model[0]], cap.calls[model[2]]
+    assert len(first) == len(last) == 1
+    assert_close(first[0].input, x, rtol=0)
+    assert_close(first[0].grad_output, hidden.grad)
+    assert_close(last[0].grad_output, 2 * out.detach())
+    assert not first[0].input.requires_grad
+
+
+def test_no_attributes_and_no_hooks_left_behind_also_on_error():
+    model = _model()
+    before = {id(m): set(vars(m)) for m in model.modules()}
+    with pytest.raises(RuntimeError, match="boom"), Capture(model):
+        model(torch.randn(2, 3, dtype=torch.float64))
+        raise RuntimeError("boom")
+    assert _hooks(model) == 0
+    assert {id(m): set(vars(m)) for m in model.modules()} == before
+    cap = Capture(model)
+    cap.start()
+    assert _hooks(model) == 2
+    with pytest.raises(CaptureError, match="already active"):
+        cap.start()
+    cap.stop()
+    assert _hooks(model) == 0
+
+
+def test_weight_sharing_records_every_call():
+    lin = nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with Capture([lin]) as cap:
+        y1 = lin(x)
+        y2 = lin(torch.sin(y1))
+        y3 = lin(y2)
+        cap.backward_to_outputs((y3 * y1).sum())
+    calls = cap.calls[lin]
+    assert len(calls) == 3
+    assert_close(calls[1].input, torch.sin(y1).detach(), rtol=0)
+    # Z of each call against autograd with respect to that call's output
+    y1 = lin(x)
+    y1.retain_grad()
+    y2 = lin(torch.sin(y1))
+    y2.retain_grad()
+    y3 = lin(y2)
+    y3.retain_grad()
+    (y3 * y1).sum().backward()
+    for call, y in zip(calls, (y1, y2, y3), strict=True):
+        assert_close(call.grad_output, y.grad)
+
+
+def test_sequence_inputs_are_recorded_whole():
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 5, 6, 3, dtype=torch.float64)
+    with Capture([lin]) as cap:
+        cap.backward_to_outputs(lin(x).sum())
+    assert cap.calls[lin][0].input.shape == (4, 5, 6, 3)
+    assert cap.calls[lin][0].grad_output.shape == (4, 5, 6, 2)
+
+
+def test_backward_to_outputs_leaves_parameter_grads_alone():
+    model = _model()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Capture(model) as cap:
+        out = model(x)
+        cap.backward_to_outputs(out.square().sum(), retain_graph=True)
+        assert all(p.grad is None for p in model.parameters())
+        out.square().sum().backward()  # the graph was retained
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="scalar"):
+        cap.backward_to_outputs(out)
+
+
+def test_in_place_activation_after_a_layer_gives_the_right_z():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with Capture(model) as cap:
+        out = model(x)
+        cap.backward_to_outputs(out.square().sum())
+    z = cap.calls[model[0]][0].grad_output
+    assert all(p.grad is None for p in model.parameters())  # the fallback accumulates nothing
+    # reference: the same network without the in-place op
+    hidden = model[0](x)
+    hidden.retain_grad()
+    model[2](torch.relu(hidden)).square().sum().backward()
+    assert_close(z, hidden.grad)
+
+
+def test_modules_that_do_not_reach_the_loss_get_zero_z_and_unused_ones_no_calls():
+    a, b, unused = (nn.Linear(2, 2).double() for _ in range(3))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with Capture([a, b, unused]) as cap:
+        ya = a(x)
+        b(x)
+        cap.backward_to_outputs(ya.sum())
+    assert torch.count_nonzero(cap.calls[b][0].grad_output) == 0
+    assert cap.calls[unused] == []
+
+
+def test_paused_clear_release_and_errors():
+    lin = nn.Linear(2, 2).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with Capture({"lin": lin}) as cap:
+        with cap.paused():
+            lin(x)
+        assert cap.calls[lin] == []
+        y = lin(x)
+        cap.backward_to_outputs(y.sum(), retain_graph=True)
+        cap.clear_grads()
+        assert cap.calls[lin][0].grad_output is None
+        cap.release_outputs()
+        assert cap.calls[lin][0].output is None
+        with pytest.raises(CaptureError, match="no recorded module output"):
+            cap.backward_to_outputs(y.sum())
+        cap.clear()
+        assert cap.calls[lin] == []
+    assert cap.names[lin] == "lin"
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.w, x
+
+    pair = Pair()
+    with pytest.raises(CaptureError, match="returned a tuple"), Capture([pair]):
+        pair(torch.ones(1, 2))
+    assert _hooks(pair) == 0
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        Capture([lin, "not a module"])
