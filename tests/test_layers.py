@@ -261,6 +261,10 @@ def test_half_precision_inputs_give_float32_curvature():
     assert plugin.gram(lin, calls)["weight"].dtype == torch.float32
     assert plugin.per_sample_grads(lin, calls)["weight"].dtype == torch.float32
     assert plugin.kfac_factors(lin, calls).input_cov.dtype == torch.float32
+    # float64 coefficients do not promote float32 work to float64
+    c = torch.ones(5, dtype=torch.float64)
+    for p in (plugin, GenericPlugin()):
+        assert p.weighted_grads(lin, calls, c)["weight"].dtype == torch.float32
 
 
 # -- KFAC factors --------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class GenericPlugin(LayerPlugin):
             )
         total: dict[str, Tensor] = {}
         for call in calls:
-            dtype = work_dtype(call.grad_output, coefficients, *params.values())
+            dtype = work_dtype(call.grad_output, *params.values())  # c never promotes
             p = {k: v.detach().to(dtype) for k, v in params.items()}
             args = tuple(_cast(a, dtype) for a in call.inputs)
             kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}

@@ -99,7 +99,7 @@ class PatchPlugin(LayerPlugin):
             )
         out: dict[str, Tensor] = {}
         for call in calls:
-            dtype = work_dtype(call.input, call.grad_output, coefficients)
+            dtype = work_dtype(call.input, call.grad_output)  # c never promotes
             z = call.grad_output.to(dtype)
             cz = z * coefficients.to(dtype).reshape(n, *([1] * (z.dim() - 1)))
             if "weight" in params:
