@@ -23,3 +23,42 @@ def test_oracles_on_cuda_match_cpu(likelihood):
         model.to(cuda)
     gen = torch.Generator(device=cuda).manual_seed(0)
     assert oracles.mc_fisher(model, likelihood, x, 2, gen).device.type == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["mlp", "cnn1d", "cnn2d"])
+def test_plugins_and_sources_on_cuda_match_cpu(kind):
+    """Per-sample gradients, Gram (opt_einsum contractions on the GPU) and weighted gradients
+    stay on the parameters' device and agree with the CPU in float64."""
+    import curvlib
+    from curvlib.capture import Capture
+    from curvlib.likelihoods import as_likelihood
+    from curvlib.sources import Empirical, TrueFisher
+
+    in_shape = {"mlp": (4,), "cnn1d": (2, 6), "cnn2d": (2, 5, 5)}[kind]
+    p = Problem.make(ModelSpec(kind, in_shape, (3,), 3, "tanh", seed=0), "categorical", 6, 1)
+    cuda = torch.device("cuda")
+    cpu_model = p.model
+    gpu_model = Problem.make(ModelSpec(kind, in_shape, (3,), 3, "tanh", seed=0),
+                             "categorical", 6, 1).model.to(cuda)
+    x, y = p.inputs.to(cuda), p.targets.to(cuda)
+    for helper in (curvlib.per_sample_grads, curvlib.gram):
+        got = helper(gpu_model, "categorical", x, y)
+        ref = helper(cpu_model, "categorical", p.inputs, p.targets)
+        for name in ref:
+            assert got[name].device.type == "cuda"
+            assert_close(got[name].cpu(), ref[name])
+    lik = as_likelihood("categorical")
+    c = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    with Capture(gpu_model) as cap:
+        stats = Empirical().collect(gpu_model, lik, gpu_model(x), y, capture=cap)
+    with Capture(cpu_model) as cap:
+        ref_stats = Empirical().collect(cpu_model, lik, cpu_model(p.inputs), p.targets,
+                                        capture=cap)
+    got, ref = stats.weighted_grads(c.to(cuda)), ref_stats.weighted_grads(c)
+    for name in ref:
+        assert_close(got[name].cpu(), ref[name])
+    gen = torch.Generator(device=cuda).manual_seed(0)
+    out = gpu_model(x)
+    batch = TrueFisher(num_samples=2).collect(gpu_model, lik, out, None, generator=gen)
+    assert all(g.device.type == "cuda" for g in batch.batch_grads().values())
