@@ -1,4 +1,5 @@
-"""The promises around the package: the README's two commands, .ci/run, typing marker."""
+"""The promises around the package: the README's two commands, .ci/run, plugin packages, typing
+marker."""
 
 import pathlib
 import re
@@ -24,6 +25,18 @@ def test_ci_runs_the_readme_test_command_after_pinning_torch():
     assert tests in script.splitlines()
     assert script.index('pip install "torch==2.13.0"') < script.index(tests)
     assert "set -euo pipefail" in script
+
+
+def test_the_test_command_installs_every_plugin_package():
+    tests = readme_commands()[1]
+    packages = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+    assert {"curvlib-poisson", "curvlib-bilinear"} <= set(packages)
+    for name in packages:  # each is tested through its entry point, so each must be installed
+        assert f"-e plugins/{name} " in tests + " ", f"the test command does not install {name}"
+        module = name.replace("-", "_")
+        assert (ROOT / "plugins" / name / module / "py.typed").exists()
+        assert '[project.entry-points."curvlib.plugins"]' in (
+            ROOT / "plugins" / name / "pyproject.toml").read_text()
 
 
 def test_project_metadata():
