@@ -71,12 +71,20 @@ class Call:
     @property
     def input(self) -> Tensor:
         """The first positional input ``X``."""
+        if not self.inputs:
+            raise CaptureError(
+                "this call had no positional input; layers that read X need it passed "
+                "positionally"
+            )
         return self.inputs[0]
 
     @property
     def batch_size(self) -> int:
-        """Size of dimension 0 of ``X``."""
-        return int(self.inputs[0].shape[0])
+        """Size of dimension 0 of the first tensor input (positional, else keyword)."""
+        for value in (*self.inputs, *self.kwargs.values()):
+            if isinstance(value, Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        raise CaptureError("this call had no tensor input with a batch dimension")
 
 
 def parameter_owners(model: nn.Module) -> dict[str, nn.Module]:

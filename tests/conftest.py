@@ -16,7 +16,12 @@ def pytest_report_header(config):
 
 @pytest.fixture
 def clean_registry():
-    """Snapshot the registries and plugin state, and restore them after the test."""
+    """Snapshot the registries and plugin state, and restore them after the test.
+
+    The installed plugins are loaded first, so the snapshot holds them: a plugin module is
+    imported once per process, and a later load could not register it again.
+    """
+    registry.load_plugins()
     entries = copy.copy({k: dict(v) for k, v in registry._entries.items()})
     loaded = registry._plugins_loaded
     done = set(registry._loaded_entry_points)

@@ -383,3 +383,30 @@ def test_layer_plugin_is_abstract_and_documented():
         assert cls.__doc__
         for name in ("per_sample_grads", "gram", "weighted_grads", "kfac_factors"):
             assert getattr(cls, name).__doc__, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_keyword_only_calls_and_nothing_to_factorise():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+        def forward(self, *, x, mask):
+            return x * self.weight * mask
+
+    gate = Gate()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # not batched
+    with Capture([gate]) as cap:
+        out = gate(x=x, mask=mask)
+        cap.backward_to_outputs(out.square().sum())
+    calls = cap.calls[gate]
+    assert calls[0].batch_size == 4
+    grads = GenericPlugin().per_sample_grads(gate, calls)
+    assert_close(grads["weight"], 2 * (x * gate.weight * mask) * x * mask)
+    lin = nn.Linear(2, 2).double().requires_grad_(False)
+    with torch.no_grad():
+        out = lin(torch.ones(1, 2, dtype=torch.float64))
+    call = Call((torch.ones(1, 2, dtype=torch.float64),), {}, out, torch.ones_like(out))
+    with pytest.raises(LayerPluginError, match="nothing to factorise"):
+        LinearPlugin().kfac_factors(lin, [call])

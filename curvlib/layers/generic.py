@@ -168,7 +168,8 @@ class GenericPlugin(LayerPlugin):
             args = tuple(_cast(a, dtype) for a in call.inputs)
             kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
             z = call.grad_output.to(dtype)
-            cz = z * coefficients.to(dtype).reshape(n, *([1] * (z.dim() - 1)))
+            c = coefficients.to(device=z.device, dtype=dtype)
+            cz = z * c.reshape(n, *([1] * (z.dim() - 1)))
             out, pull = vjp(lambda q, a=args, k=kwargs: functional_call(module, q, a, k), p)
             self._verify(module, call, out)
             for k, g in pull(cz)[0].items():

@@ -101,7 +101,8 @@ class PatchPlugin(LayerPlugin):
         for call in calls:
             dtype = work_dtype(call.input, call.grad_output)  # c never promotes
             z = call.grad_output.to(dtype)
-            cz = z * coefficients.to(dtype).reshape(n, *([1] * (z.dim() - 1)))
+            c = coefficients.to(device=z.device, dtype=dtype)
+            cz = z * c.reshape(n, *([1] * (z.dim() - 1)))
             if "weight" in params:
                 w = self.weighted_weight(module, call, cz)
                 out["weight"] = w if "weight" not in out else out["weight"] + w
@@ -126,10 +127,13 @@ class PatchPlugin(LayerPlugin):
         sample ``B ⊗ A`` is exactly that sample's ``g gᵀ``.
         """
         params = trainable_parameters(module)
-        x, z = self._all_patches(module, calls)
         weight = getattr(module, "weight", None)
-        if weight is None:
-            raise LayerPluginError(f"{type(module).__name__} has no weight")
+        if weight is None or not params:
+            raise LayerPluginError(
+                f"{type(module).__name__} has no trainable weight or bias: nothing to "
+                f"factorise"
+            )
+        x, z = self._all_patches(module, calls)
         a, b = _patch.kfac(
             x, z, fold_bias="bias" in params, has_weight="weight" in params, mode=mode
         )

@@ -57,8 +57,12 @@ class LayerCase:
 
     @property
     def batch_size(self) -> int:
-        """``N``, from the first call's first argument."""
-        return int(self.calls[0][0][0].shape[0])
+        """``N``: dimension 0 of the first call's first tensor argument."""
+        args, kwargs = self.calls[0]
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        raise ValueError(f"{self.description}: no tensor input with a batch dimension")
 
 
 def _params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -88,7 +92,9 @@ def reference_per_sample_grads(
 ) -> dict[str, Tensor]:
     """``g_n = Σ_calls J_θ f(x_n)ᵀ z_n`` by one autograd call per sample (a plain loop)."""
     params = _params(module)
-    n = int(calls[0][0][0].shape[0])
+    args0, kwargs0 = calls[0]
+    n = next(int(v.shape[0]) for v in (*args0, *kwargs0.values())
+             if isinstance(v, Tensor) and v.dim() > 0)
     rows: list[list[Tensor]] = []
     for i in range(n):
         total = None
