@@ -531,7 +531,7 @@ def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
     lik = as_likelihood(likelihood)
     if not src.needs_targets:
         targets = None
-    with Capture(model) as cap:
+    with torch.enable_grad(), Capture(model) as cap:  # also inside a caller's no_grad()
         outputs = model(inputs)
         stats = src.collect(model, lik, outputs, targets, capture=cap, generator=generator)
     cap.release_outputs()
@@ -549,6 +549,8 @@ def per_sample_grads(
     backend: Literal["curvlib", "backpack"] = "curvlib",
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``g_n = ∂ℓ_n/∂θ`` by parameter name, each ``(N, *shape)``.
+
+    With a source drawing ``S`` targets per sample the rows are ``S·N``, draw-major.
 
     Args:
         model: any module; registered layers use their plugins, others ``torch.func``.
@@ -586,6 +588,8 @@ def gram(
     backend: Literal["curvlib", "backpack"] = "curvlib",
 ) -> dict[str, Tensor]:
     """Per-sample Gram ``UᵀU`` (``N × N``, entry ``g_mᵀ g_n``) by parameter name.
+
+    With a source drawing ``S`` targets per sample it is ``S·N × S·N`` (rows draw-major).
 
     Arguments as :func:`per_sample_grads`. With the curvlib backend, Linear and
     convolution layers never materialise per-sample gradients unless that is cheaper.

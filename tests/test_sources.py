@@ -265,6 +265,9 @@ def test_helpers_leave_the_model_untouched():
     curvlib.per_sample_grads(model, "categorical", x, y)
     curvlib.gram(model, "categorical", x, source="true_fisher",
                  generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the helpers need gradients and turn them on themselves
+        assert set(curvlib.gram(model, "categorical", x, y)) == {n for n, _ in
+                                                                  model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     assert {id(m): set(vars(m)) for m in model.modules()} == before
