@@ -91,6 +91,7 @@ class Statistics:
             :data:`PROVIDES`).
         loss: the mean loss with the data's targets, detached, if they were given.
         shapes: parameter name → shape, for every parameter covered, in model order.
+        targets: the targets of each draw (``S`` tensors; the data's own with data targets).
     """
 
     source: str
@@ -100,6 +101,7 @@ class Statistics:
     provides: frozenset[str]
     loss: Tensor | None = None
     shapes: dict[str, torch.Size] = field(default_factory=dict)
+    targets: list[Tensor] = field(default_factory=list, repr=False)
     _layers: list[_Layer] = field(default_factory=list, repr=False)
     _batch_grads: dict[str, Tensor] | None = field(default=None, repr=False)
     _per_sample: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -406,7 +408,7 @@ class _OutputGradientSource(Source):
                 loss = lik.mean_loss(outputs.detach(), targets)
         return Statistics(self.name, int(outputs.shape[0]), len(draws),
                           self.targets == "sampled", self.provides, loss, shapes,
-                          layers, _capture=capture)
+                          list(draws), layers, _capture=capture)
 
 
 @register("source", "true_fisher")
@@ -460,7 +462,8 @@ class TrueFisher(_OutputGradientSource):
             with torch.no_grad():
                 loss = lik.mean_loss(outputs.detach(), targets)
         return Statistics(self.name, int(outputs.shape[0]), len(draws), True, self.provides,
-                          loss, {n: p.shape for n, p in named.items()}, _batch_grads=batch)
+                          loss, {n: p.shape for n, p in named.items()}, list(draws),
+                          _batch_grads=batch)
 
     def __repr__(self) -> str:
         return f"TrueFisher(num_samples={self.num_samples}, per_sample={self.per_sample})"
@@ -518,7 +521,8 @@ def as_source(source: str | Source | type[Source], **options: Any) -> Source:
 
 
 def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
-         source: str | Source, generator: torch.Generator | None, what: str) -> Statistics:
+         source: str | Source, generator: torch.Generator | None, what: str, verify: bool
+         ) -> Statistics:
     if isinstance(source, str) and source == "true_fisher":
         src: Source = TrueFisher(per_sample=True)
     else:
@@ -534,8 +538,39 @@ def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
     with torch.enable_grad(), Capture(model) as cap:  # also inside a caller's no_grad()
         outputs = model(inputs)
         stats = src.collect(model, lik, outputs, targets, capture=cap, generator=generator)
+        if verify:
+            _verify(model, lik, outputs, stats)
     cap.release_outputs()
     return stats
+
+
+def _verify(model: nn.Module, lik: Likelihood, outputs: Tensor, stats: Statistics) -> None:
+    """Σ_n g_n of every draw must equal autograd's gradient of that draw's summed loss.
+
+    Catches a parameter used outside the forward of the modules that own it (no hook sees
+    such a use), at the cost of one ordinary backward pass per draw.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad and n in stats.shapes}
+    n = stats.batch_size
+    for s, y in enumerate(stats.targets):
+        c = torch.zeros(stats.rows, dtype=torch.float64)
+        c[s * n:(s + 1) * n] = 1.0
+        summed = stats.weighted_grads(c)
+        true = torch.autograd.grad(lik.loss(outputs, y).sum(), list(named.values()),
+                                   retain_graph=True, allow_unused=True)
+        for (name, p), g in zip(named.items(), true, strict=True):
+            g = torch.zeros_like(p) if g is None else g
+            got = summed[name].to(g.dtype)
+            tol = torch.finfo(p.dtype).eps ** 0.5
+            scale = g.norm().clamp_min(torch.finfo(g.dtype).tiny)
+            if (got - g).norm() > tol * scale + torch.finfo(g.dtype).tiny:
+                raise SourceError(
+                    f"the per-sample gradients of {name!r} do not add up to its gradient "
+                    f"(relative difference {((got - g).norm() / scale).item():.2e}): the "
+                    f"parameter is used outside the forward of the module that owns it (e.g. "
+                    f"functionally, as in `h @ emb.weight.T`), where no layer hook sees it. "
+                    f"Wrap that use in a module; pass verify=False to skip this check"
+                )
 
 
 def per_sample_grads(
@@ -547,6 +582,7 @@ def per_sample_grads(
     source: str | Source = "empirical",
     generator: torch.Generator | None = None,
     backend: Literal["curvlib", "backpack"] = "curvlib",
+    verify: bool = True,
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``g_n = ∂ℓ_n/∂θ`` by parameter name, each ``(N, *shape)``.
 
@@ -564,6 +600,9 @@ def per_sample_grads(
         backend: ``"curvlib"`` (default) or ``"backpack"`` (BackPACK's BatchGrad, and
             SqrtGGNMC for sampled targets, on the layers BackPACK supports; see
             :mod:`curvlib.backends.backpack`).
+        verify: check that each draw's per-sample gradients add up to autograd's gradient
+            (one extra ordinary backward pass); this catches parameters used outside the
+            modules that own them, which no layer hook can see.
 
     The model is run once in its current mode; parameter ``.grad`` is not touched.
     """
@@ -574,7 +613,7 @@ def per_sample_grads(
     if backend != "curvlib":
         raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
     return _run(model, likelihood, inputs, targets, source, generator,
-                "per_sample_grads").per_sample_grads()
+                "per_sample_grads", verify).per_sample_grads()
 
 
 def gram(
@@ -586,6 +625,7 @@ def gram(
     source: str | Source = "empirical",
     generator: torch.Generator | None = None,
     backend: Literal["curvlib", "backpack"] = "curvlib",
+    verify: bool = True,
 ) -> dict[str, Tensor]:
     """Per-sample Gram ``UᵀU`` (``N × N``, entry ``g_mᵀ g_n``) by parameter name.
 
@@ -601,4 +641,4 @@ def gram(
                 for n, g in grads.items()}
     if backend != "curvlib":
         raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
-    return _run(model, likelihood, inputs, targets, source, generator, "gram").gram()
+    return _run(model, likelihood, inputs, targets, source, generator, "gram", verify).gram()

@@ -328,3 +328,41 @@ def test_statistics_kfac_factors_by_module_name():
     assert list(factors) == ["0", "3"]
     assert factors["3"].input_cov.shape == (1, 10, 10)
     assert factors["0"].grad_cov.shape == (1, 3, 3)
+
+
+def test_a_parameter_used_outside_its_module_is_caught():
+    class TiedOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(3, 4, bias=False)
+
+        def forward(self, x):
+            return torch.tanh(self.emb(x)) @ self.emb.weight  # functional second use
+
+    torch.manual_seed(8)
+    model = TiedOutput().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(SourceError, match=r"'emb.weight' do not add up.*Wrap that use"):
+        curvlib.per_sample_grads(model, "gaussian", x, y)
+    with pytest.raises(SourceError, match="verify=False"):
+        curvlib.gram(model, "gaussian", x, source="true_fisher",
+                     generator=torch.Generator().manual_seed(0))
+    # verify=False skips the check (and the result misses the functional use)
+    grads = curvlib.per_sample_grads(model, "gaussian", x, y, verify=False)
+    reference = oracles.per_sample_grads(model, "gaussian", x, y)
+    assert (grads["emb.weight"].reshape(5, -1) - reference).norm() > 1e-3
+
+
+def test_statistics_keep_the_targets_of_each_draw():
+    torch.manual_seed(9)
+    model = nn.Linear(3, 4).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    lik = as_likelihood("categorical")
+    with Capture(model) as cap:
+        out = model(x)
+        stats = TrueFisher(num_samples=3, per_sample=True).collect(
+            model, lik, out, None, capture=cap, generator=torch.Generator().manual_seed(2))
+    expected = _sampled_targets(model, lik, x, 3, 2)
+    assert len(stats.targets) == 3
+    for got, want in zip(stats.targets, expected, strict=True):
+        assert torch.equal(got, want)
