@@ -455,8 +455,11 @@ class TrueFisher(_OutputGradientSource):
                                         retain_graph=True, allow_unused=True)
                 per_draw.append([torch.zeros_like(p) if gi is None else gi
                                  for gi, p in zip(g, named.values(), strict=True)])
-        batch = {n: torch.stack([d[i] for d in per_draw]).detach()
-                 for i, n in enumerate(named)}
+        if len(per_draw) == 1:  # no copy for the common single draw
+            batch = {n: per_draw[0][i].detach().unsqueeze(0) for i, n in enumerate(named)}
+        else:
+            batch = {n: torch.stack([d[i] for d in per_draw]).detach()
+                     for i, n in enumerate(named)}
         loss = None
         if targets is not None:
             with torch.no_grad():

@@ -10,7 +10,9 @@ whichever costs fewer multiply-adds (:mod:`._patch`). Patches come from ``F.unfo
 ``"valid"``, every ``padding_mode``), dilation, groups and bias are supported.
 
 The weighted gradient ``Σ_n c_n g_n`` never unfolds: it is the convolution's own weight
-gradient (``torch.nn.grad.conv{1,2,3}d_weight``) of the scaled output gradient ``c⊙Z``.
+gradient (``convolution_backward``, what autograd runs) of the scaled output gradient
+``c⊙Z``, or, equivalently and cheaper when the input is smaller, of ``Z`` with the scaled
+input ``c⊙X``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,6 @@ from curvlib.registry import register
 
 __all__ = ["Conv1dPlugin", "Conv2dPlugin", "Conv3dPlugin", "ConvPlugin", "unfold"]
 
-_WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
-}
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
@@ -127,18 +124,20 @@ class ConvPlugin(PatchPlugin):
             )
         return xs, zs
 
-    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
-        """``conv_weight(X, c⊙Z)``: the ordinary weight gradient of the scaled ``Z``."""
+    def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        """The convolution's own weight gradient (``convolution_backward``; no unfolding)."""
         self._check_conv(module)
-        x, padding = padded_input(module, call.input.to(cz.dtype))
-        return _WEIGHT_GRAD[self.dim](
-            x, module.weight.shape, cz, stride=module.stride, padding=padding,
-            dilation=module.dilation, groups=module.groups,
+        x, padding = padded_input(module, x)
+        w = module.weight.detach()
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            z, x, w.to(z.dtype), None, list(module.stride), list(padding),
+            list(module.dilation), False, [0] * self.dim, module.groups, [False, True, False],
         )
+        return gw
 
-    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
-        """Sum of the output gradient over samples and pixels, per channel."""
-        return grad_output.transpose(0, 1).reshape(grad_output.shape[1], -1).sum(1)
+    def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
+        """``(N, O)``: the output gradient summed over pixels."""
+        return z.sum(list(range(2, z.dim())))
 
 
 @register("layer", "conv1d")

@@ -33,9 +33,9 @@ __all__ = ["LinearPlugin", "PatchPlugin"]
 class PatchPlugin(LayerPlugin):
     """Base of plugins for layers ``y[n,t,g] = W_g x[n,t,g] + b_g`` (Linear, convolutions).
 
-    Subclasses implement :meth:`patches` and :meth:`weighted_weight`; everything else
-    follows. ``gram_method`` is ``"auto"`` (the cheaper of contraction and materialisation),
-    ``"contract"`` or ``"materialise"``.
+    Subclasses implement :meth:`patches`, :meth:`weight_gradient` and
+    :meth:`bias_grad_per_sample`; everything else follows. ``gram_method`` is ``"auto"``
+    (the cheaper of contraction and materialisation), ``"contract"`` or ``"materialise"``.
     """
 
     def __init__(self, gram_method: GramMethod = "auto"):
@@ -48,10 +48,6 @@ class PatchPlugin(LayerPlugin):
 
     def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
         """``X (N, T, G, D)`` and ``Z (N, T, G, O/G)`` of one call, in the working dtype."""
-        raise NotImplementedError
-
-    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
-        """The weight gradient of one call for the output gradient ``cz`` (already scaled)."""
         raise NotImplementedError
 
     def _all_patches(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
@@ -100,19 +96,41 @@ class PatchPlugin(LayerPlugin):
         out: dict[str, Tensor] = {}
         for call in calls:
             dtype = work_dtype(call.input, call.grad_output)  # c never promotes
-            z = call.grad_output.to(dtype)
-            c = coefficients.to(device=z.device, dtype=dtype)
-            cz = z * c.reshape(n, *([1] * (z.dim() - 1)))
-            if "weight" in params:
-                w = self.weighted_weight(module, call, cz)
+            c = coefficients.to(device=call.grad_output.device, dtype=dtype)
+            w, b = self.weighted_call(module, call, c, "weight" in params, "bias" in params)
+            if w is not None:
                 out["weight"] = w if "weight" not in out else out["weight"] + w
-            if "bias" in params:
-                b = self.bias_grad(module, cz)
+            if b is not None:
                 out["bias"] = b if "bias" not in out else out["bias"] + b
         return out
 
-    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
-        """The bias gradient for an output gradient (sum over samples and positions)."""
+    def weighted_call(self, module: nn.Module, call: Call, c: Tensor, weight: bool,
+                      bias: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Weight and bias parts of ``Σ_n c_n g_n`` for one call.
+
+        ``g_n`` is bilinear in ``(x_n, z_n)``, so the weight part is the layer's weight
+        gradient with either the inputs or the output gradients scaled by ``c``; the smaller
+        of the two is scaled (one temporary of that size). The bias part is
+        ``Σ_n c_n Σ_t z_nt``.
+        """
+        z = call.grad_output.to(c.dtype)
+        x = call.input.to(c.dtype)
+        w = b = None
+        if weight:
+            if x.numel() <= z.numel():
+                w = self.weight_gradient(module, _scale(x, c), z)
+            else:
+                w = self.weight_gradient(module, x, _scale(z, c))
+        if bias:
+            b = c @ self.bias_grad_per_sample(module, z)
+        return w, b
+
+    def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        """The layer's ordinary weight gradient for inputs ``x`` and output gradient ``z``."""
+        raise NotImplementedError
+
+    def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
+        """``(N, O)``: the output gradient summed over positions, per sample."""
         raise NotImplementedError
 
     def kfac_factors(
@@ -160,11 +178,15 @@ class LinearPlugin(PatchPlugin):
         return (x.to(dtype).reshape(n, -1, 1, x.shape[-1]),
                 z.to(dtype).reshape(n, -1, 1, z.shape[-1]))
 
-    def weighted_weight(self, module: nn.Module, call: Call, cz: Tensor) -> Tensor:
-        """``(c⊙Z)ᵀ X`` over all samples and positions."""
-        x = call.input.to(cz.dtype)
-        return cz.reshape(-1, cz.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        """``Zᵀ X`` over all samples and positions."""
+        return z.reshape(-1, z.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
-    def bias_grad(self, module: nn.Module, grad_output: Tensor) -> Tensor:
-        """Sum of the output gradient over samples and positions."""
-        return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+    def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
+        """``Σ_t z_nt``."""
+        return z.reshape(z.shape[0], -1, z.shape[-1]).sum(1)
+
+
+def _scale(t: Tensor, c: Tensor) -> Tensor:
+    """``c_n · t_n`` for every sample ``n`` (dimension 0)."""
+    return t * c.reshape(-1, *([1] * (t.dim() - 1)))
