@@ -174,6 +174,17 @@ class LayerPlugin(abc.ABC):
                     f"per-sample quantities"
                 )
 
+    def check_coefficients(self, module: nn.Module, calls: Sequence[Call],
+                           coefficients: Tensor) -> None:
+        """:meth:`check`, then that ``coefficients`` has one entry per sample, ``(N,)``."""
+        self.check(module, calls)
+        n = calls[0].batch_size
+        if coefficients.shape != (n,):
+            raise ValueError(
+                f"coefficients must have shape ({n},) for a batch of {n}, got "
+                f"{tuple(coefficients.shape)}"
+            )
+
     @abc.abstractmethod
     def per_sample_grads(self, module: nn.Module, calls: Sequence[Call]) -> dict[str, Tensor]:
         """Per-sample gradients ``(N, *shape)`` of each trainable parameter, by local name."""

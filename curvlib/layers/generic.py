@@ -151,16 +151,11 @@ class GenericPlugin(LayerPlugin):
         self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
     ) -> dict[str, Tensor]:
         """``Σ_n c_n g_n`` as one VJP of the batched call with output gradient ``c⊙Z``."""
-        self.check(module, calls)
+        self.check_coefficients(module, calls, coefficients)
         params = trainable_parameters(module)
         if not params:
             return {}
         n = calls[0].batch_size
-        if coefficients.shape != (n,):
-            raise ValueError(
-                f"coefficients must have shape ({n},) for a batch of {n}, got "
-                f"{tuple(coefficients.shape)}"
-            )
         total: dict[str, Tensor] = {}
         for call in calls:
             dtype = work_dtype(call.grad_output, *params.values())  # c never promotes

@@ -85,14 +85,8 @@ class PatchPlugin(LayerPlugin):
         self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
     ) -> dict[str, Tensor]:
         """``Σ_n c_n g_n``: the layer's own weight-gradient operation applied to ``c⊙Z``."""
-        self.check(module, calls)
+        self.check_coefficients(module, calls, coefficients)
         params = trainable_parameters(module)
-        n = calls[0].batch_size
-        if coefficients.shape != (n,):
-            raise ValueError(
-                f"coefficients must have shape ({n},) for a batch of {n}, got "
-                f"{tuple(coefficients.shape)}"
-            )
         out: dict[str, Tensor] = {}
         for call in calls:
             dtype = work_dtype(call.input, call.grad_output)  # c never promotes

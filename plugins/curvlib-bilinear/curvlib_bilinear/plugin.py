@@ -225,17 +225,12 @@ class BilinearPlugin(LayerPlugin):
         self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
     ) -> dict[str, Tensor]:
         """``Σ_n c_n g_n``: per call, one contraction of ``c⊙Z`` with ``X1`` and ``X2``."""
-        self.check(module, calls)
+        self.check_coefficients(module, calls, coefficients)
         params = trainable_parameters(module)
         n = calls[0].batch_size
-        if coefficients.shape != (n,):
-            raise ValueError(
-                f"coefficients must have shape ({n},) for a batch of {n}, got "
-                f"{tuple(coefficients.shape)}"
-            )
         out: dict[str, Tensor] = {}
         for call in calls:
-            dtype = work_dtype(*_call_inputs(module, call), call.grad_output, coefficients)
+            dtype = work_dtype(*_call_inputs(module, call), call.grad_output)  # c never promotes
             x1, x2, z = self._operands(module, call, dtype)
             cz = z * coefficients.to(device=z.device, dtype=dtype).reshape(n, 1, 1)
             parts = {}
