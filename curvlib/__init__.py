@@ -8,13 +8,17 @@ Public entry points:
   :class:`Gaussian` (:mod:`curvlib.likelihoods`);
 * :func:`per_sample_grads` and :func:`gram` — per-sample quantities by parameter name, through
   the curvature sources (:mod:`curvlib.sources`) and layer plugins (:mod:`curvlib.layers`);
+* :func:`assemble` and the recipe :func:`TNT` — optimizers from a source, a structure and a
+  solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`, :mod:`curvlib.solvers`);
 * :class:`Capture` — record layer inputs and output gradients (:mod:`curvlib.capture`);
 * :mod:`curvlib.testing` — dense float64 oracles, hypothesis strategies and assertions.
 """
 
-from curvlib import layers
+from curvlib import damping, layers, solvers, structures
 from curvlib.capture import Capture
 from curvlib.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, as_likelihood
+from curvlib.optim import CurvatureOptimizer, assemble
+from curvlib.recipes import TNT
 from curvlib.registry import KINDS, available, get, register
 from curvlib.sources import Statistics, gram, per_sample_grads
 
@@ -22,18 +26,24 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "KINDS",
+    "TNT",
     "Bernoulli",
     "Capture",
     "Categorical",
+    "CurvatureOptimizer",
     "Gaussian",
     "Likelihood",
     "Statistics",
     "__version__",
     "as_likelihood",
+    "assemble",
     "available",
+    "damping",
     "get",
     "gram",
     "layers",
     "per_sample_grads",
     "register",
+    "solvers",
+    "structures",
 ]

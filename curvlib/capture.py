@@ -20,6 +20,7 @@ Rules it keeps:
 * ``Z`` is read by a hook on the output tensor registered at forward time, so it is the
   gradient with respect to the value the module returned, even if a later in-place
   operation (``ReLU(inplace=True)``) overwrote that tensor.
+* Calls made with gradients disabled (``torch.no_grad()``, evaluation) are not recorded.
 * A later backward pass overwrites ``Z`` (the calls keep the latest one);
   :meth:`Capture.clear_grads` forgets them.
 * :meth:`Capture.backward_to_outputs` differentiates a scalar down to the recorded outputs
@@ -187,6 +188,15 @@ class Capture:
         """Whether the hooks are registered."""
         return self._active
 
+    def set_recording(self, on: bool) -> None:
+        """Record calls (``True``) or ignore them (``False``) while the hooks stay registered."""
+        self._recording = bool(on)
+
+    @property
+    def recording(self) -> bool:
+        """Whether calls are being recorded."""
+        return self._recording
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Do not record calls inside this block (used when plugins re-run a module)."""
@@ -214,8 +224,8 @@ class Capture:
     # -- recording ---------------------------------------------------------------------------
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._recording:
-            return
+        if not self._recording or not torch.is_grad_enabled():
+            return  # calls without gradients (evaluation) have no backward to record
         if not isinstance(output, Tensor):
             raise CaptureError(
                 f"module {self.names[module]!r} ({type(module).__name__}) returned a "

@@ -1,0 +1,208 @@
+r"""The tensor-normal Kronecker structure of TNT (kind ``structure``, name ``tensor_normal``).
+
+For a parameter tensor ``W`` of shape ``d_1 × … × d_k`` (after the reshape policy), TNT
+models the sampled gradient ``G`` as tensor-normal, so that its Fisher block is
+``U_1 ⊗ … ⊗ U_k``. Per mode ``i`` the statistic is ``S_i = mat_i(G) mat_i(G)ᵀ``
+(``mat_i`` unfolds mode ``i`` into rows), averaged over the ``S`` draws and kept as an
+exponential moving average ``H_i ← ema·H_i + (1 − ema)·S_i`` (the first update, without a warm
+start, sets ``H_i = S_i``; a warm start sets ``H_i`` to the arithmetic mean over a pass of
+data). The factors are normalised by the paper's eq. (5),
+
+    Ũ_i = H_i / (c_0^{k−1} ∏_{j≠i} d_j),    c_0 = (tr H / ∏_j d_j)^{1/k},
+
+so that every ``Ũ_i`` has mean eigenvalue ``c_0`` and ``∏_i tr Ũ_i = tr H`` (``tr H`` is the
+same for every mode in exact arithmetic; the mean over the modes is used). The damping ``ε``
+is added to each normalised factor and the solver inverts ``Ũ_i + εI``; the direction is the
+mode product ``p = m ×_1 (Ũ_1 + εI)^{-1} ×_2 … ×_k (Ũ_k + εI)^{-1}``, i.e.
+``vec(p) = ((Ũ_1 + εI)^{-1} ⊗ … ⊗ (Ũ_k + εI)^{-1}) vec(m)`` with row-major ``vec``.
+
+Options:
+
+* ``reshape``: how order-4 convolution weights ``(out, in, kh, kw)`` are seen:
+  ``"out_in_kernel"`` (default, three factors: output channels, input channels, kernel),
+  ``"out_rest"`` (two factors: ``out × in·kh·kw``) or ``"as_is"`` (one factor per dimension).
+  Other tensors are taken as they are (a bias is order 1 with one full factor).
+* ``max_dim``: modes longer than this get no factor (identity), as Shampoo does for very large
+  dimensions; ``None`` (default) factors every mode.
+
+All contractions are opt_einsum expressions planned once per shape; the factors are kept in
+float32 or wider whatever the parameter dtype; factors of equal size across all parameters of
+a param group are inverted in one batched solver call.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.layers._patch import contract
+from curvlib.registry import register
+from curvlib.solvers import Solver, robust_inverse
+from curvlib.structures.base import Structure
+
+__all__ = ["TensorNormal", "mode_statistics", "normalise"]
+
+Reshape = Literal["out_in_kernel", "out_rest", "as_is"]
+_LETTERS = string.ascii_lowercase
+
+
+def mode_statistics(g: Tensor, modes: list[int] | None = None) -> list[Tensor]:
+    """``(1/S) Σ_s mat_i(G_s) mat_i(G_s)ᵀ`` for each mode ``i`` in ``modes`` (default: all),
+    for draws ``g`` of shape ``(S, d_1, …, d_k)``."""
+    s, k = g.shape[0], g.dim() - 1
+    letters = _LETTERS[:k]
+    out = []
+    for i in range(k) if modes is None else modes:
+        left = "z" + letters
+        right = "z" + letters[:i] + letters[i].upper() + letters[i + 1:]
+        out.append(contract(f"{left},{right}->{letters[i]}{letters[i].upper()}", g, g) / s)
+    return out
+
+
+def normalise(factors: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
+    """TNT's eq. (5): ``Ũ_i = H_i / (c_0^{k−1} ∏_{j≠i} d_j)`` with ``c_0`` from the traces.
+
+    ``factors`` holds ``H_i`` for every mode of ``dims`` (``None`` for a mode without a
+    factor, whose trace is not needed).
+    """
+    k = len(dims)
+    traces = [torch.diagonal(f).sum() for f in factors if f is not None]
+    total = torch.stack(traces).mean()
+    c0 = (total / math.prod(dims)).clamp_min(0).pow(1.0 / k)
+    out = []
+    for i, f in enumerate(factors):
+        if f is None:
+            out.append(None)
+            continue
+        others = math.prod(d for j, d in enumerate(dims) if j != i)
+        denom = (c0.pow(k - 1) * others).clamp_min(torch.finfo(f.dtype).tiny)
+        out.append(f / denom)
+    return out
+
+
+@register("structure", "tensor_normal")
+class TensorNormal(Structure):
+    """TNT's tensor-normal Kronecker factors, one set per parameter tensor (see the module)."""
+
+    name = "tensor_normal"
+    needs = frozenset({"batch_grads"})
+
+    def __init__(self, reshape: Reshape = "out_in_kernel", max_dim: int | None = None):
+        if reshape not in ("out_in_kernel", "out_rest", "as_is"):
+            raise ValueError(
+                f"reshape must be 'out_in_kernel', 'out_rest' or 'as_is', got {reshape!r}")
+        if max_dim is not None and max_dim < 1:
+            raise ValueError(f"max_dim must be positive or None, got {max_dim}")
+        self.reshape = reshape
+        self.max_dim = max_dim
+
+    def dims(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The tensor shape TNT factorises for a parameter of ``shape``."""
+        shape = tuple(shape)
+        if len(shape) == 4 and self.reshape != "as_is":
+            out, inp, kh, kw = shape
+            return (out, inp, kh * kw) if self.reshape == "out_in_kernel" else (out, inp * kh * kw)
+        return shape
+
+    def covers(self, param: nn.Parameter) -> bool:
+        """Every tensor of order ≥ 1 (scalars fall back to the optimizer's default)."""
+        return param.dim() >= 1
+
+    def _factored(self, dims: tuple[int, ...]) -> list[bool]:
+        return [self.max_dim is None or d <= self.max_dim for d in dims]
+
+    def init_state(self, param: nn.Parameter) -> dict[str, Any]:
+        """Zero statistics ``H_i`` and identity inverses, in float32 or wider."""
+        dims = self.dims(param.shape)
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        state: dict[str, Any] = {"tnt_updates": torch.zeros((), dtype=torch.float64)}
+        for i, (d, on) in enumerate(zip(dims, self._factored(dims), strict=True)):
+            if on:
+                state[f"tnt_H{i}"] = torch.zeros(d, d, dtype=dtype, device=param.device)
+                state[f"tnt_inv{i}"] = torch.eye(d, dtype=dtype, device=param.device)
+        return state
+
+    def update(self, items, stats, *, ema: float, average: bool = False) -> None:
+        """Fold the batch-averaged sampled gradients into the mode statistics.
+
+        ``average=True`` keeps a running arithmetic mean (the warm start); otherwise an
+        EMA with weight ``ema`` on the past, except that the first update sets ``H_i = S_i``.
+        A non-finite gradient leaves that parameter's statistics unchanged.
+        """
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        batch = stats.batch_grads()
+        for name, param, state in items:
+            if name not in batch:
+                continue
+            dims = self.dims(param.shape)
+            g = batch[name]
+            dtype = torch.promote_types(g.dtype, torch.float32)
+            g = g.to(dtype).reshape(g.shape[0], *dims)
+            if not torch.isfinite(g).all():
+                state["tnt_skipped"] = state.get("tnt_skipped", torch.zeros(())) + 1
+                continue
+            modes = [i for i, f in enumerate(self._factored(dims)) if f]
+            count = state["tnt_updates"]
+            for i, s in zip(modes, mode_statistics(g, modes), strict=True):
+                h = state[f"tnt_H{i}"]
+                if average:
+                    h.mul_(count / (count + 1)).add_(s / (count + 1))
+                elif count == 0:
+                    h.copy_(s)
+                else:
+                    h.mul_(ema).add_(s, alpha=1 - ema)
+            state["tnt_updates"] = count + 1
+
+    def refresh(self, items, *, solver: Solver, damping: Callable[[Tensor], Tensor]
+                ) -> dict[str, int]:
+        """Normalise every factor, add the damping, invert equal sizes in one batched call."""
+        groups: dict[tuple[int, torch.dtype, torch.device], list[tuple[dict, int, Tensor]]] = {}
+        for _, param, state in items:
+            if state["tnt_updates"] == 0:
+                continue  # no statistics yet: keep the identity
+            dims = self.dims(param.shape)
+            on = self._factored(dims)
+            hs = [state[f"tnt_H{i}"] if f else None for i, f in enumerate(on)]
+            for i, u in enumerate(normalise(hs, dims)):
+                if u is not None:
+                    groups.setdefault((u.shape[0], u.dtype, u.device), []).append((state, i, u))
+        report = {"factors": 0, "recovered": 0, "kept": 0}
+        for entries in groups.values():
+            mats = torch.stack([u for _, _, u in entries])
+            previous = torch.stack([st[f"tnt_inv{i}"] for st, i, _ in entries])
+            result = robust_inverse(solver, mats, damping(mats), 1.0, previous)
+            for j, (st, i, _) in enumerate(entries):
+                st[f"tnt_inv{i}"].copy_(result.inverse[j])
+            report["factors"] += len(entries)
+            report["recovered"] += int(result.recovered.sum())
+            report["kept"] += int(result.kept.sum())
+        return report
+
+    def direction(self, param: nn.Parameter, state: dict[str, Any], vector: Tensor) -> Tensor:
+        """``m ×_1 inv_1 ×_2 … ×_k inv_k`` by one planned contraction."""
+        dims = self.dims(param.shape)
+        k = len(dims)
+        letters = _LETTERS[:k]
+        inverses = [state.get(f"tnt_inv{i}") for i in range(k)]
+        dtype = next((t.dtype for t in inverses if t is not None), vector.dtype)
+        m = vector.to(dtype).reshape(dims)
+        operands = [m]
+        out = list(letters)
+        terms = [letters]
+        for i, inv in enumerate(inverses):
+            if inv is None:
+                continue
+            out[i] = letters[i].upper()
+            terms.append(letters[i].upper() + letters[i])
+            operands.append(inv)
+        equation = ",".join(terms) + "->" + "".join(out)
+        return contract(equation, *operands).reshape(param.shape).to(vector.dtype)
+
+    def __repr__(self) -> str:
+        return f"TensorNormal(reshape={self.reshape!r}, max_dim={self.max_dim})"
