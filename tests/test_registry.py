@@ -53,7 +53,10 @@ def test_register_returns_the_object_and_records_the_module_origin(clean_registr
         """A stand-in component: the registry stores any object."""
 
     assert curvlib.get("solver", "my_solver") is MySolver
-    assert curvlib.available("solver") == {"solver": {"my_solver": __name__.split(".")[0]}}
+    solvers = curvlib.available("solver")
+    assert list(solvers) == ["solver"]
+    assert solvers["solver"]["my_solver"] == __name__.split(".")[0]
+    assert solvers["solver"]["cholesky"] == "curvlib"
 
 
 def test_duplicate_raises_and_overwrite_replaces(clean_registry):
