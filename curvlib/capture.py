@@ -33,6 +33,7 @@ Watched modules are, by default, the modules that directly own a trainable param
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,13 +121,17 @@ class Capture:
     Args:
         modules: a model (its :func:`parameter_owners` are watched), or an iterable of
             modules, or a mapping name → module.
+        clear_on_call_of: a module (usually the model) whose every call starts a new forward
+            pass: the calls recorded before are forgotten, so a long-lived capture never
+            accumulates the records of forward passes nobody backpropagated.
 
     Attributes:
         calls: module → list of :class:`Call`, in call order (filled while active).
         names: module → its name (qualified name within the model, or its position).
     """
 
-    def __init__(self, modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module]):
+    def __init__(self, modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module], *,
+                 clear_on_call_of: nn.Module | None = None):
         if isinstance(modules, nn.Module):
             named = parameter_owners(modules)
         elif isinstance(modules, dict):
@@ -144,6 +149,7 @@ class Capture:
         self._handles: list[Any] = []
         self._recording = False
         self._active = False
+        self._root = clear_on_call_of
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -158,9 +164,23 @@ class Capture:
         """Register the hooks (what ``with`` does on entry)."""
         if self._active:
             raise CaptureError("this Capture is already active; it cannot be entered twice")
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            capture = ref()  # a hook never keeps a forgotten capture (and its tensors) alive
+            if capture is not None:
+                capture._hook(module, args, kwargs, output)
+
+        def new_pass(module: nn.Module, args: tuple) -> None:
+            capture = ref()
+            if capture is not None and capture._recording and torch.is_grad_enabled():
+                capture.clear()
+
         try:
+            if self._root is not None:
+                self._handles.append(self._root.register_forward_pre_hook(new_pass))
             for module in self.names:
-                self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self._remove()
             raise

@@ -115,7 +115,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.last_refresh: dict[str, int] = {}
         self._capture: Capture | None = None
         if source.needs_capture:
-            self._capture = Capture(model)
+            self._capture = Capture(model, clear_on_call_of=model)
             self._capture.start()
             self._capture.set_recording(self._stats_due())
 
@@ -275,6 +275,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state[name] = state[name].to(dtype)
         if self._capture is not None:
             self._capture.set_recording(self._stats_due())
+
+    def __del__(self) -> None:
+        capture = getattr(self, "_capture", None)
+        if capture is not None:
+            capture.stop()
 
     def close(self) -> None:
         """Remove the capture hooks (only sources with per-sample statistics install them)."""

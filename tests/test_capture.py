@@ -158,3 +158,21 @@ def test_paused_clear_release_and_errors():
     assert _hooks(pair) == 0
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         Capture([lin, "not a module"])
+
+
+def test_a_long_lived_capture_forgets_unused_passes_and_dies_with_its_owner():
+    import gc
+
+    model = _model()
+    cap = Capture(model, clear_on_call_of=model)
+    cap.start()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for _ in range(3):
+        model(x)  # forward passes nobody backpropagates
+    assert all(len(calls) == 1 for calls in cap.calls.values())
+    with torch.no_grad():
+        model(x)  # evaluation is not recorded (and does not clear)
+    assert all(len(calls) == 1 for calls in cap.calls.values())
+    del cap
+    gc.collect()
+    model(x)  # the hooks of a forgotten capture do nothing
