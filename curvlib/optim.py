@@ -96,7 +96,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if missing:
             raise CompatibilityError(
                 f"structure {structure!r} needs {sorted(missing)}, which source {source!r} "
-                f"does not provide (it provides {sorted(source.provides)})"
+                f"does not provide (it provides {sorted(source.provides)}); sources that "
+                f"would: {_providers(structure.needs)}"
             )
         if not solver.supports(1.0):
             raise CompatibilityError(f"solver {solver!r} cannot compute inverses (power 1)")
@@ -291,6 +292,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return (f"{type(self).__name__}(source={self.source!r}, structure={self.structure!r}, "
                 f"solver={self.solver!r}, damping={self.damping_rule!r}, "
                 f"groups={len(self.param_groups)})")
+
+
+def _providers(needs: frozenset[str]) -> str:
+    """Registered sources (default options, and per-sample true_fisher) providing ``needs``."""
+    from curvlib.registry import registrations
+    from curvlib.sources import TrueFisher
+
+    found = []
+    for reg in registrations("source"):
+        try:
+            candidate = reg.obj()
+        except Exception:  # a source that needs arguments: skip it in the hint
+            continue
+        if needs <= candidate.provides:
+            found.append(repr(reg.name))
+    if "true_fisher" not in " ".join(found) and needs <= TrueFisher(per_sample=True).provides:
+        found.append("TrueFisher(per_sample=True)")
+    return ", ".join(found) or "none registered"
 
 
 def _check_hyper(h: dict) -> None:

@@ -230,6 +230,43 @@ class Statistics:
             }
         return self._batch_grads
 
+    def mode_statistics(self, dims: dict[str, tuple[int, ...]]) -> dict[str, list[Tensor]]:
+        """Parameter name → ``[(1/R) Σ_r mat_i(g_r) mat_i(g_r)ᵀ for each mode i]`` over the
+        ``R = S·N`` per-sample rows, each parameter seen with shape ``dims[name]``.
+
+        Layer plugins take fast paths where they have them (Linear: rank one, nothing
+        materialised); a parameter shared by several modules is summed first.
+        """
+        self._need("per_sample_grads")
+        owners = self._owners()
+        shared = {name for name, own in owners.items() if len(own) > 1 and name in dims}
+        out: dict[str, list[Tensor]] = {}
+        with self._quiet():
+            for layer in self._layers:
+                if not layer.calls:
+                    continue
+                local = {loc: tuple(dims[name]) for loc, name in layer.params.items()
+                         if name in dims and name not in shared}
+                if not local:
+                    continue
+                for loc, mats in layer.plugin.mode_statistics(layer.module, layer.calls,
+                                                               local).items():
+                    out[layer.params[loc]] = mats
+            if shared:
+                from curvlib.layers.base import per_sample_mode_statistics
+
+                grads = self._per_sample_raw(shared)
+                for name in shared:
+                    g = grads[name]
+                    out[name] = per_sample_mode_statistics(g.reshape(g.shape[0], *dims[name]))
+        ref = next((m[0] for m in out.values() if m), None)
+        for name in dims:
+            if name in self.shapes and name not in out:  # a module that was not called
+                out[name] = [torch.zeros(d, d, dtype=ref.dtype if ref is not None else None,
+                                         device=ref.device if ref is not None else None)
+                             for d in dims[name]]
+        return out
+
     def kfac_factors(self, mode: str = "expand") -> dict[str, Any]:
         """Module name → :class:`~curvlib.layers.KFACFactors` for layers whose plugin has them.
 

@@ -39,6 +39,7 @@ __all__ = [
     "KFACFactors",
     "LayerPlugin",
     "LayerPluginError",
+    "per_sample_mode_statistics",
     "plugin_for",
     "registered_layer_types",
     "trainable_parameters",
@@ -208,6 +209,21 @@ class LayerPlugin(abc.ABC):
     ) -> dict[str, Tensor]:
         """``Σ_n c_n g_n`` of each trainable parameter (parameter-shaped), by local name."""
 
+    def mode_statistics(self, module: nn.Module, calls: Sequence[Call],
+                        dims: dict[str, tuple[int, ...]]) -> dict[str, list[Tensor]]:
+        """``(1/N) Σ_n mat_i(g_n) mat_i(g_n)ᵀ`` per mode ``i`` of each parameter, seen with
+        shape ``dims[name]`` (a reshape of the parameter), by local name.
+
+        The default materialises the per-sample gradients; plugins override it where the
+        per-sample gradient has a structure that avoids that (Linear: rank one).
+        """
+        grads = self.per_sample_grads(module, calls)
+        out = {}
+        for name, g in grads.items():
+            if name in dims:
+                out[name] = per_sample_mode_statistics(g.reshape(g.shape[0], *dims[name]))
+        return out
+
     def kfac_factors(
         self, module: nn.Module, calls: Sequence[Call], *, mode: str = "expand"
     ) -> KFACFactors:
@@ -220,6 +236,17 @@ class LayerPlugin(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def per_sample_mode_statistics(g: Tensor) -> list[Tensor]:
+    """``[(1/N) Σ_n mat_i(g_n) mat_i(g_n)ᵀ for every mode i]`` for ``g`` of shape
+    ``(N, d_1, …, d_k)``."""
+    n, k = g.shape[0], g.dim() - 1
+    out = []
+    for i in range(k):
+        mat = g.movedim(i + 1, 1).reshape(n, g.shape[i + 1], -1)
+        out.append(torch.einsum("nab,ncb->ac", mat, mat) / n)
+    return out
 
 
 _instances: dict[type, LayerPlugin] = {}

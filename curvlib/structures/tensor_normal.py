@@ -24,6 +24,13 @@ Options:
   Other tensors are taken as they are (a bias is order 1 with one full factor).
 * ``max_dim``: modes longer than this get no factor (identity), as Shampoo does for very large
   dimensions; ``None`` (default) factors every mode.
+* ``statistics``: ``"batch"`` (default, the paper) builds ``S_i`` from the batch-averaged
+  gradient ``Ḡ``; ``"per_sample"`` (beyond the paper) from the per-sample gradients,
+  ``S_i = (1/(R·N)) Σ_r mat_i(g_r) mat_i(g_r)ᵀ`` over the ``R = S·N`` rows — the same scale as
+  ``E[mat_i(Ḡ) mat_i(Ḡ)ᵀ]`` when the sampled gradients have zero mean (so ``ε`` means the
+  same), but from ``N`` times as many outer products. It needs a source with per-sample
+  gradients (``TrueFisher(per_sample=True)``); Linear layers compute it without
+  materialising them (``Σ_n ‖x_n‖² z_n z_nᵀ`` and ``Σ_n ‖z_n‖² x_n x_nᵀ``).
 
 All contractions are opt_einsum expressions planned once per shape; the factors are kept in
 float32 or wider whatever the parameter dtype; factors of equal size across all parameters of
@@ -92,7 +99,12 @@ class TensorNormal(Structure):
     name = "tensor_normal"
     needs = frozenset({"batch_grads"})
 
-    def __init__(self, reshape: Reshape = "out_in_kernel", max_dim: int | None = None):
+    def __init__(self, reshape: Reshape = "out_in_kernel", max_dim: int | None = None,
+                 statistics: Literal["batch", "per_sample"] = "batch"):
+        if statistics not in ("batch", "per_sample"):
+            raise ValueError(f"statistics must be 'batch' or 'per_sample', got {statistics!r}")
+        self.statistics = statistics
+        self.needs = frozenset({"batch_grads" if statistics == "batch" else "per_sample_grads"})
         if reshape not in ("out_in_kernel", "out_rest", "as_is"):
             raise ValueError(
                 f"reshape must be 'out_in_kernel', 'out_rest' or 'as_is', got {reshape!r}")
@@ -136,21 +148,32 @@ class TensorNormal(Structure):
         """
         if not 0 <= ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
-        batch = stats.batch_grads()
+        if self.statistics == "per_sample":
+            wanted = {name: self.dims(param.shape) for name, param, _ in items}
+            per_sample = stats.mode_statistics(wanted)
+            scale = 1.0 / stats.batch_size
+        else:
+            batch = stats.batch_grads()
         for name, param, state in items:
-            if name not in batch:
-                continue
             dims = self.dims(param.shape)
-            g = batch[name]
-            dtype = torch.promote_types(g.dtype, torch.float32)
-            g = g.to(dtype).reshape(g.shape[0], *dims)
-            if not torch.isfinite(g).all():
+            modes = [i for i, f in enumerate(self._factored(dims)) if f]
+            if self.statistics == "per_sample":
+                if name not in per_sample:
+                    continue
+                new = [per_sample[name][i] * scale for i in modes]
+            else:
+                if name not in batch:
+                    continue
+                g = batch[name]
+                g = g.to(torch.promote_types(g.dtype, torch.float32))
+                new = mode_statistics(g.reshape(g.shape[0], *dims), modes)
+            if not all(torch.isfinite(s).all() for s in new):
                 state["tnt_skipped"] = state.get("tnt_skipped", torch.zeros(())) + 1
                 continue
-            modes = [i for i, f in enumerate(self._factored(dims)) if f]
             count = state["tnt_updates"]
-            for i, s in zip(modes, mode_statistics(g, modes), strict=True):
+            for i, s in zip(modes, new, strict=True):
                 h = state[f"tnt_H{i}"]
+                s = s.to(h.dtype)
                 if average:
                     h.mul_(count / (count + 1)).add_(s / (count + 1))
                 elif count == 0:
@@ -205,4 +228,5 @@ class TensorNormal(Structure):
         return contract(equation, *operands).reshape(param.shape).to(vector.dtype)
 
     def __repr__(self) -> str:
-        return f"TensorNormal(reshape={self.reshape!r}, max_dim={self.max_dim})"
+        return (f"TensorNormal(reshape={self.reshape!r}, max_dim={self.max_dim}, "
+                f"statistics={self.statistics!r})")
