@@ -93,8 +93,12 @@ class Cholesky(Solver):
                 f"use solver='eigh' or 'newton' for inverse roots"
             )
         factor, info = torch.linalg.cholesky_ex(_damped(matrices, damping))
+        failed = info != 0
+        if failed.any():  # a zero pivot would make cholesky_inverse raise: invert I there
+            eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+            factor = torch.where(failed.reshape(-1, 1, 1), eye, factor)
         inverse = torch.cholesky_inverse(factor)
-        return inverse, (info == 0) & _finite(inverse)
+        return inverse, ~failed & _finite(inverse)
 
 
 @register("solver", "eigh")

@@ -200,7 +200,7 @@ def test_reshape_policies_of_order_four_tensors(data, policy):
 @given(shape=small_shapes(), max_dim=st.integers(1, 5), seed=seeds(),
        eps=dampings(1e-1, 10.0))
 def test_max_dim_leaves_long_modes_unfactored(shape, max_dim, seed, eps):
-    assume(any(d <= max_dim for d in shape))  # all-unfactored: see the xfail test below
+    assume(any(d <= max_dim for d in shape))  # all-unfactored: tested separately below
     tn = TensorNormal(reshape="as_is", max_dim=max_dim)
     (item,) = items = _items(tn, {"w": shape})
     state = item[2]
@@ -218,10 +218,6 @@ def test_max_dim_leaves_long_modes_unfactored(shape, max_dim, seed, eps):
                  what=f"direction with max_dim={max_dim}")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "normalise() stacks the traces of the factors present; when max_dim leaves every mode "
-    "of a tensor unfactored (e.g. a bias of length 5 with max_dim=2) the list is empty and "
-    "torch.stack raises 'stack expects a non-empty TensorList' inside refresh"))
 def test_a_tensor_with_every_mode_unfactored_moves_along_the_vector():
     tn = TensorNormal(max_dim=2)
     (item,) = items = _items(tn, {"b": (5,)})

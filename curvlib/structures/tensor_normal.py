@@ -191,6 +191,8 @@ class TensorNormal(Structure):
                 continue  # no statistics yet: keep the identity
             dims = self.dims(param.shape)
             on = self._factored(dims)
+            if not any(on):
+                continue  # every mode longer than max_dim: nothing to invert
             hs = [state[f"tnt_H{i}"] if f else None for i, f in enumerate(on)]
             for i, u in enumerate(normalise(hs, dims)):
                 if u is not None:
