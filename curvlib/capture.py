@@ -168,12 +168,14 @@ class Capture:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             capture = ref()  # a hook never keeps a forgotten capture (and its tensors) alive
-            if capture is not None:
+            # a deep copy of a watched module carries this hook along: ignore the copy
+            if capture is not None and module in capture.calls:
                 capture._hook(module, args, kwargs, output)
 
         def new_pass(module: nn.Module, args: tuple) -> None:
             capture = ref()
-            if capture is not None and capture._recording and torch.is_grad_enabled():
+            if (capture is not None and module is capture._root and capture._recording
+                    and torch.is_grad_enabled()):
                 capture.clear()
 
         try:

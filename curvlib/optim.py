@@ -88,6 +88,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
         for group in self.param_groups:
             _check_hyper(group)
+            odd = set(group) - set(HYPER) - {"params", "name"}
+            if odd:
+                warnings.warn(
+                    f"param group keys {sorted(odd)} are not curvlib hyperparameters and are "
+                    f"ignored (the hyperparameters are {', '.join(HYPER)})",
+                    UserWarning, stacklevel=3)
         self.model = model
         self.likelihood: Likelihood = as_likelihood(likelihood)
         self.source, self.structure = source, structure
@@ -248,32 +254,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the step count, the generator state and the state dtypes."""
+        """torch's state dict plus the step count and the generator state."""
         sd = super().state_dict()
-        sd["curvlib"] = {
-            "step": self._step_count,
-            "generator": self.generator.get_state(),
-            "dtypes": {k: {name: v.dtype for name, v in st.items() if isinstance(v, Tensor)}
-                       for k, st in sd["state"].items()},
-        }
+        sd["curvlib"] = {"step": self._step_count, "generator": self.generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore everything, keeping curvature state in its saved dtype (torch would cast
-        floating state to each parameter's dtype)."""
+        """Restore everything. Tensor state keeps its saved dtype and values bit for bit
+        (torch would cast floating state to each parameter's dtype, which would round
+        float32 curvature of a bf16 model)."""
         extra = state_dict.get("curvlib")
         plain = {k: v for k, v in state_dict.items() if k != "curvlib"}
+        saved = {index: {name: v for name, v in st.items() if isinstance(v, Tensor)}
+                 for index, st in plain["state"].items()}
         super().load_state_dict(plain)
-        if extra is None:
-            return
-        self._step_count = int(extra["step"])
-        self.generator.set_state(extra["generator"])
         params = [p for g in self.param_groups for p in g["params"]]
-        for index, dtypes in extra["dtypes"].items():
-            state = self.state[params[int(index)]]
-            for name, dtype in dtypes.items():
-                if isinstance(state.get(name), Tensor) and state[name].dtype != dtype:
-                    state[name] = state[name].to(dtype)
+        for index, entries in saved.items():
+            param = params[int(index)]
+            state = self.state[param]
+            for name, value in entries.items():
+                device = param.device if value.dim() > 0 or name != "step" else value.device
+                state[name] = value.detach().to(device=device, copy=True)
+        if extra is not None:
+            self._step_count = int(extra["step"])
+            self.generator.set_state(extra["generator"])
         if self._capture is not None:
             self._capture.set_recording(self._stats_due())
 

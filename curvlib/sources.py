@@ -230,9 +230,12 @@ class Statistics:
             }
         return self._batch_grads
 
-    def mode_statistics(self, dims: dict[str, tuple[int, ...]]) -> dict[str, list[Tensor]]:
+    def mode_statistics(self, dims: dict[str, tuple[int, ...]],
+                        modes: dict[str, list[int]] | None = None
+                        ) -> dict[str, list[Tensor | None]]:
         """Parameter name → ``[(1/R) Σ_r mat_i(g_r) mat_i(g_r)ᵀ for each mode i]`` over the
-        ``R = S·N`` per-sample rows, each parameter seen with shape ``dims[name]``.
+        ``R = S·N`` per-sample rows, each parameter seen with shape ``dims[name]``; only the
+        modes in ``modes[name]`` (default all), ``None`` for the others.
 
         Layer plugins take fast paths where they have them (Linear: rank one, nothing
         materialised); a parameter shared by several modules is summed first.
@@ -249,8 +252,10 @@ class Statistics:
                          if name in dims and name not in shared}
                 if not local:
                     continue
+                local_modes = None if modes is None else {
+                    loc: modes[name] for loc, name in layer.params.items() if name in modes}
                 for loc, mats in layer.plugin.mode_statistics(layer.module, layer.calls,
-                                                               local).items():
+                                                               local, local_modes).items():
                     out[layer.params[loc]] = mats
             if shared:
                 from curvlib.layers.base import per_sample_mode_statistics
@@ -258,13 +263,16 @@ class Statistics:
                 grads = self._per_sample_raw(shared)
                 for name in shared:
                     g = grads[name]
-                    out[name] = per_sample_mode_statistics(g.reshape(g.shape[0], *dims[name]))
-        ref = next((m[0] for m in out.values() if m), None)
+                    out[name] = per_sample_mode_statistics(
+                        g.reshape(g.shape[0], *dims[name]),
+                        None if modes is None else modes.get(name))
+        ref = next((t for m in out.values() for t in m if t is not None), None)
         for name in dims:
             if name in self.shapes and name not in out:  # a module that was not called
                 out[name] = [torch.zeros(d, d, dtype=ref.dtype if ref is not None else None,
                                          device=ref.device if ref is not None else None)
-                             for d in dims[name]]
+                             if modes is None or i in modes.get(name, [])
+                             else None for i, d in enumerate(dims[name])]
         return out
 
     def kfac_factors(self, mode: str = "expand") -> dict[str, Any]:

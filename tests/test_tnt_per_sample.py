@@ -74,3 +74,27 @@ def test_per_sample_statistics_need_per_sample_gradients():
                          structure=TensorNormal(statistics="per_sample"))
     with pytest.raises(ValueError, match="statistics must be"):
         TensorNormal(statistics="sampled")
+
+
+def test_unfactored_modes_are_not_computed():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    lik = as_likelihood("gaussian")
+    with Capture(model) as cap:
+        out = model(x)
+        stats = TrueFisher(per_sample=True).collect(
+            model, lik, out, None, capture=cap, generator=torch.Generator().manual_seed(0))
+    dims = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    got = stats.mode_statistics(dims, {"0.weight": [0], "0.bias": [], "2.weight": [0, 1]})
+    assert got["0.weight"][1] is None and got["0.weight"][0].shape == (2, 2)
+    assert got["0.bias"] == [None]
+    assert all(m is not None for m in got["2.weight"])
+    opt = curvlib.assemble(model, "gaussian", source=TrueFisher(per_sample=True),
+                           structure=TensorNormal(statistics="per_sample", max_dim=3),
+                           lr=0.1, damping=1.0)
+    opt.zero_grad()
+    opt.backward(model(x), torch.zeros(4, 2, dtype=torch.float64))
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert "tnt_H1" not in state and state["tnt_H0"].abs().sum() > 0

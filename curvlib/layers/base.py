@@ -210,9 +210,12 @@ class LayerPlugin(abc.ABC):
         """``Σ_n c_n g_n`` of each trainable parameter (parameter-shaped), by local name."""
 
     def mode_statistics(self, module: nn.Module, calls: Sequence[Call],
-                        dims: dict[str, tuple[int, ...]]) -> dict[str, list[Tensor]]:
+                        dims: dict[str, tuple[int, ...]],
+                        modes: dict[str, list[int]] | None = None
+                        ) -> dict[str, list[Tensor | None]]:
         """``(1/N) Σ_n mat_i(g_n) mat_i(g_n)ᵀ`` per mode ``i`` of each parameter, seen with
-        shape ``dims[name]`` (a reshape of the parameter), by local name.
+        shape ``dims[name]`` (a reshape of the parameter), by local name; only the modes
+        ``modes[name]`` (default: all), ``None`` in the list for the others.
 
         The default materialises the per-sample gradients; plugins override it where the
         per-sample gradient has a structure that avoids that (Linear: rank one).
@@ -221,7 +224,9 @@ class LayerPlugin(abc.ABC):
         out = {}
         for name, g in grads.items():
             if name in dims:
-                out[name] = per_sample_mode_statistics(g.reshape(g.shape[0], *dims[name]))
+                wanted = None if modes is None else modes.get(name)
+                out[name] = per_sample_mode_statistics(g.reshape(g.shape[0], *dims[name]),
+                                                       wanted)
         return out
 
     def kfac_factors(
@@ -238,12 +243,16 @@ class LayerPlugin(abc.ABC):
         return f"{type(self).__name__}()"
 
 
-def per_sample_mode_statistics(g: Tensor) -> list[Tensor]:
+def per_sample_mode_statistics(g: Tensor, modes: list[int] | None = None
+                               ) -> list[Tensor | None]:
     """``[(1/N) Σ_n mat_i(g_n) mat_i(g_n)ᵀ for every mode i]`` for ``g`` of shape
-    ``(N, d_1, …, d_k)``."""
+    ``(N, d_1, …, d_k)``; with ``modes``, ``None`` for the modes not listed."""
     n, k = g.shape[0], g.dim() - 1
-    out = []
+    out: list[Tensor | None] = []
     for i in range(k):
+        if modes is not None and i not in modes:
+            out.append(None)
+            continue
         mat = g.movedim(i + 1, 1).reshape(n, g.shape[i + 1], -1)
         out.append(torch.einsum("nab,ncb->ac", mat, mat) / n)
     return out

@@ -128,7 +128,9 @@ class PatchPlugin(LayerPlugin):
         raise NotImplementedError
 
     def mode_statistics(self, module: nn.Module, calls: Sequence[Call],
-                        dims: dict[str, tuple[int, ...]]) -> dict[str, list[Tensor]]:
+                        dims: dict[str, tuple[int, ...]],
+                        modes: dict[str, list[int]] | None = None
+                        ) -> dict[str, list[Tensor | None]]:
         """Rank-one fast path: with one position and one group ``g_n = z_n x_nᵀ``, so the
         modes of a matrix weight are ``(1/N) Σ_n ‖x_n‖² z_n z_nᵀ`` and
         ``(1/N) Σ_n ‖z_n‖² x_n x_nᵀ``, and a bias's ``(1/N) Σ_n z̄_n z̄_nᵀ``; anything else is
@@ -137,19 +139,27 @@ class PatchPlugin(LayerPlugin):
         x, z = self._all_patches(module, calls)
         n, t, g = x.shape[:3]
         weight = getattr(module, "weight", None)
-        fast = {}
+
+        def want(name: str, i: int) -> bool:
+            return modes is None or i in modes.get(name, range(len(dims[name])))
+
+        fast: dict[str, list[Tensor | None]] = {}
         if ("weight" in params and "weight" in dims and t == 1 and g == 1
                 and weight is not None and tuple(dims["weight"]) == tuple(weight.shape)
                 and weight.dim() == 2):
             x1, z1 = x[:, 0, 0], z[:, 0, 0]
-            fast["weight"] = [(z1 * x1.square().sum(1, keepdim=True)).T @ z1 / n,
-                              (x1 * z1.square().sum(1, keepdim=True)).T @ x1 / n]
+            fast["weight"] = [
+                (z1 * x1.square().sum(1, keepdim=True)).T @ z1 / n
+                if want("weight", 0) else None,
+                (x1 * z1.square().sum(1, keepdim=True)).T @ x1 / n
+                if want("weight", 1) else None,
+            ]
         if "bias" in params and "bias" in dims and len(dims["bias"]) == 1:
             zb = z.sum(1).reshape(n, -1)
-            fast["bias"] = [zb.T @ zb / n]
+            fast["bias"] = [zb.T @ zb / n if want("bias", 0) else None]
         rest = {k: v for k, v in dims.items() if k not in fast and k in params}
         if rest:
-            fast.update(super().mode_statistics(module, calls, rest))
+            fast.update(super().mode_statistics(module, calls, rest, modes))
         return fast
 
     def kfac_factors(

@@ -150,7 +150,9 @@ class TensorNormal(Structure):
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if self.statistics == "per_sample":
             wanted = {name: self.dims(param.shape) for name, param, _ in items}
-            per_sample = stats.mode_statistics(wanted)
+            factored = {name: [i for i, f in enumerate(self._factored(d)) if f]
+                        for name, d in wanted.items()}
+            per_sample = stats.mode_statistics(wanted, factored)
             scale = 1.0 / stats.batch_size
         else:
             batch = stats.batch_grads()
