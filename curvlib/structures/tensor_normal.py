@@ -60,14 +60,24 @@ _LETTERS = string.ascii_lowercase
 
 def mode_statistics(g: Tensor, modes: list[int] | None = None) -> list[Tensor]:
     """``(1/S) Σ_s mat_i(G_s) mat_i(G_s)ᵀ`` for each mode ``i`` in ``modes`` (default: all),
-    for draws ``g`` of shape ``(S, d_1, …, d_k)``."""
+    for draws ``g`` of shape ``(S, d_1, …, d_k)``.
+
+    One draw of a vector is an outer product and of a matrix two ``mm`` calls (``G Gᵀ`` and
+    ``Gᵀ G``, no copy); other cases are planned opt_einsum contractions.
+    """
     s, k = g.shape[0], g.dim() - 1
     letters = _LETTERS[:k]
     out = []
     for i in range(k) if modes is None else modes:
-        left = "z" + letters
-        right = "z" + letters[:i] + letters[i].upper() + letters[i + 1:]
-        out.append(contract(f"{left},{right}->{letters[i]}{letters[i].upper()}", g, g) / s)
+        if s == 1 and k == 1:
+            out.append(torch.outer(g[0], g[0]))
+        elif s == 1 and k == 2:
+            m = g[0]
+            out.append(m @ m.T if i == 0 else m.T @ m)
+        else:
+            left = "z" + letters
+            right = "z" + letters[:i] + letters[i].upper() + letters[i + 1:]
+            out.append(contract(f"{left},{right}->{letters[i]}{letters[i].upper()}", g, g) / s)
     return out
 
 
@@ -169,7 +179,9 @@ class TensorNormal(Structure):
                 g = batch[name]
                 g = g.to(torch.promote_types(g.dtype, torch.float32))
                 new = mode_statistics(g.reshape(g.shape[0], *dims), modes)
-            if not all(torch.isfinite(s).all() for s in new):
+            # |S_ab| ≤ √(S_aa S_bb): finite traces mean finite statistics (one sync, O(Σ d_i))
+            if new and not bool(torch.isfinite(torch.stack([m.diagonal().sum()
+                                                             for m in new])).all()):
                 state["tnt_skipped"] = state.get("tnt_skipped", torch.zeros(())) + 1
                 continue
             count = state["tnt_updates"]
@@ -181,7 +193,7 @@ class TensorNormal(Structure):
                 elif count == 0:
                     h.copy_(s)
                 else:
-                    h.mul_(ema).add_(s, alpha=1 - ema)
+                    h.lerp_(s, 1 - ema)  # ema·H + (1 − ema)·S in one pass
             state["tnt_updates"] = count + 1
 
     def refresh(self, items, *, solver: Solver, damping: Callable[[Tensor], Tensor]
