@@ -1,0 +1,255 @@
+"""Helpers shared by ``bench_tnt.py``, ``micro_tnt.py`` and ``digits_autoencoder.py``.
+
+Not a benchmark by itself: the autoencoder builder, a timer that interleaves variants and
+keeps medians, the ASDL adapter (a Bernoulli MC Fisher for its K-FAC) and the run metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def autoencoder(widths: Sequence[int]) -> nn.Sequential:
+    """Linear layers ``widths[0] → … → widths[-1]`` with ReLU between them, except after the
+    code layer (the narrowest, in the middle) and after the output layer: both are linear."""
+    n = len(widths) - 1
+    code = n // 2 - 1  # index of the layer that maps into the code
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i not in (code, n - 1):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def rel_diff(a: Tensor, b: Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timed:
+    """One timed thing: ``run`` is timed, ``prepare`` (if any) runs untimed before each sample.
+
+    ``per`` divides a sample (e.g. the number of steps in a timed cycle) to give the reported
+    time per unit.
+    """
+
+    key: str
+    label: str
+    run: Callable[[], object]
+    prepare: Callable[[], object] | None = None
+    per: int = 1
+    samples: list[float] = field(default_factory=list)  # seconds per unit
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.samples) < 2:
+            return self.samples[0], self.samples[0]
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def sample(self) -> float:
+        if self.prepare is not None:
+            self.prepare()
+        start = time.perf_counter()
+        self.run()
+        seconds = (time.perf_counter() - start) / self.per
+        self.samples.append(seconds)
+        return seconds
+
+
+def interleave(items: Sequence[Timed], rounds: int, warmup: int = 1,
+               progress: Callable[[int], None] | None = None) -> None:
+    """Warm every item up, then sample them in rounds, rotating their order every round, with
+    the garbage collector off while timing (it runs between rounds)."""
+    for item in items:
+        for _ in range(warmup):
+            if item.prepare is not None:
+                item.prepare()
+            item.run()
+    for r in range(rounds):
+        gc.collect()
+        gc.disable()
+        try:
+            shift = r % len(items)
+            for item in list(items[shift:]) + list(items[:shift]):
+                item.sample()
+        finally:
+            gc.enable()
+        if progress is not None:
+            progress(r)
+
+
+def loadavg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (the curvlib code that was measured), or None."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def metadata(**extra) -> dict:
+    meta = {
+        "curvlib_commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(["python", *sys.argv]),
+        "loadavg_start": loadavg(),
+    }
+    meta.update(extra)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# ASDL (pip package ``asdfghjkl``, imported as ``asdl``)
+
+
+def bernoulli_sum_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """BCE-with-logits summed over the outputs of each sample; ``"mean"`` averages over the
+    batch (curvlib's Bernoulli ``mean_loss``), ``"sum"`` sums over it (what ASDL's Fisher
+    makers ask for, dividing the gradients by ``data_size`` afterwards)."""
+    total = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    return total if reduction == "sum" else total / logits.shape[0]
+
+
+def load_asdl() -> tuple[types.ModuleType | None, str]:
+    """Import ASDL and make it usable here; ``(module, note)`` or ``(None, the error)``.
+
+    Two adaptations, both outside ASDL's files:
+
+    * ASDL wraps its preconditioner refresh in ``torch.cuda.nvtx.range``, which raises
+      ``RuntimeError: NVTX functions not installed. Are you sure you have a CUDA build?`` on
+      a CPU-only torch; the ``nvtx`` name inside ASDL's modules is replaced by a no-op.
+    * ASDL's Fisher makers know only ``cross_entropy`` and ``mse``; :func:`asdl_kfac` installs
+      a Bernoulli MC Fisher written like ASDL's own ``FisherMCCrossEntropy``.
+    """
+    try:
+        import asdl
+        import asdl.fisher
+        import asdl.precondition
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    noop = types.SimpleNamespace(range=lambda *a, **k: contextlib.nullcontext())
+    for name, module in list(sys.modules.items()):
+        if name.startswith("asdl") and hasattr(module, "nvtx"):
+            module.nvtx = noop
+    version = "?"
+    try:
+        from importlib.metadata import version as _version
+        version = _version("asdfghjkl")
+    except Exception:
+        pass
+    return asdl, f"asdfghjkl {version} (nvtx no-op on CPU; Bernoulli MC Fisher added)"
+
+
+def asdl_kfac(model: nn.Module, *, batch: int, damping: float, t1: int, t2: int, ema: float):
+    """ASDL's ``KfacGradientMaker`` with the MC Fisher (one sample) of the Bernoulli loss."""
+    from asdl.fisher import FisherMaker
+    from asdl.precondition import KfacGradientMaker, PreconditioningConfig
+
+    class FisherMCBernoulli(FisherMaker):
+        """One-sample MC Fisher for Bernoulli outputs (``y ~ Bernoulli(σ(f))``)."""
+
+        @property
+        def do_local_accumulate(self) -> bool:
+            return self.config.n_mc_samples > 1
+
+        def _fisher_loop(self, closure):
+            logits = self._logits
+            n = self.config.n_mc_samples
+            for i in range(n):
+                with torch.no_grad():
+                    sampled = torch.bernoulli(torch.sigmoid(logits))
+                closure(lambda y=sampled: F.binary_cross_entropy_with_logits(
+                    logits, y, reduction="sum") / n, retain_graph=i < n - 1)
+
+    config = PreconditioningConfig(data_size=batch, damping=damping,
+                                   curvature_upd_interval=t1, preconditioner_upd_interval=t2,
+                                   ema_decay=1.0 - ema)
+    # loss_type only picks ASDL's built-in Fisher maker, which is replaced right away
+    gm = KfacGradientMaker(model, config, fisher_type="fisher_mc", loss_type="mse")
+    gm.fisher_maker = FisherMCBernoulli(model, gm.fisher_maker.config)
+    return gm
+
+
+def asdl_step(gm, optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor,
+              y: Tensor) -> Tensor:
+    """One ASDL K-FAC training step (its gradient maker, then the torch optimizer)."""
+    optimizer.zero_grad()
+    dummy = gm.setup_model_call(model, x)
+    gm.setup_loss_call(bernoulli_sum_loss, dummy, y)
+    _, loss = gm.forward_and_backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def asdl_factor_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of ASDL's K-FAC factors and their inverses, per Linear layer."""
+    out = {}
+    for name, module in model.named_modules():
+        fisher = getattr(module, "fisher", None)
+        kron = getattr(fisher, "kron", None) if fisher is not None else None
+        if kron is None:
+            continue
+        total = 0
+        for attr in ("A", "B", "A_inv", "B_inv"):
+            t = getattr(kron, attr, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+        out[name] = total
+    return out
+
+
+def quiet_asdl_warnings() -> None:
+    """ASDL registers ``register_backward_hook`` (deprecated in torch 2.x): silence that."""
+    import warnings
+    warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
