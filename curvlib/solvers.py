@@ -25,6 +25,7 @@ a bad factor never corrupts an optimizer's state:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,7 +76,9 @@ def _damped(matrices: Tensor, damping: Tensor) -> Tensor:
 
 
 def _finite(t: Tensor) -> Tensor:
-    return torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+    """Per matrix: finite entries, tested through the sum (one pass, no boolean copy; a sum
+    that overflows counts as not finite, which only errs on the safe side)."""
+    return torch.isfinite(t.sum(dim=tuple(range(1, t.dim()))))
 
 
 @register("solver", "cholesky")
@@ -227,21 +230,33 @@ class InverseResult:
 
 
 def robust_inverse(solver: Solver, matrices: Tensor, damping: Tensor | float,
-                   power: float = 1.0, previous: Tensor | None = None, retries: int = 3
-                   ) -> InverseResult:
-    """``(A + εI)^{-1/p}`` with the recovery policy of the module docstring."""
+                   power: float = 1.0, previous: Tensor | Callable[[], Tensor] | None = None,
+                   retries: int = 3) -> InverseResult:
+    """``(A + εI)^{-1/p}`` with the recovery policy of the module docstring.
+
+    ``previous`` (the inverses to keep on failure) may be a function that builds them; it is
+    called only if some matrix fails every attempt.
+    """
     b, d = matrices.shape[0], matrices.shape[-1]
     damping = torch.as_tensor(damping, dtype=torch.float64, device=matrices.device)
     damping = damping.expand(b).clone() if damping.dim() == 0 else damping.clone()
     dtype = matrices.dtype
     finite = _finite(matrices)
-    result = torch.empty_like(matrices)
-    ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
-    if finite.any():
-        inv, good = solver.inverse_root(matrices[finite], damping[finite], power)
-        idx = finite.nonzero().flatten()
-        result[idx] = inv.to(dtype)
-        ok[idx] = good
+    if bool(finite.all()):  # the common case: no gather, no scatter
+        inv, ok = solver.inverse_root(matrices, damping, power)
+        result = inv.to(dtype)
+        if bool(ok.all()):
+            none = torch.zeros_like(ok)
+            return InverseResult(result, ok, none, none, damping)
+        ok = ok.clone()
+    else:
+        result = torch.empty_like(matrices)
+        ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
+        if finite.any():
+            inv, good = solver.inverse_root(matrices[finite], damping[finite], power)
+            idx = finite.nonzero().flatten()
+            result[idx] = inv.to(dtype)
+            ok[idx] = good
     first_ok = ok.clone()
     pending = finite & ~ok
     attempt = 0
@@ -259,6 +274,8 @@ def robust_inverse(solver: Solver, matrices: Tensor, damping: Tensor | float,
     kept = ~ok
     if kept.any():
         idx = kept.nonzero().flatten()
+        if callable(previous):
+            previous = previous()
         if previous is not None:
             result[idx] = previous[idx].to(dtype)
         else:

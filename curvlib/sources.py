@@ -408,6 +408,10 @@ class _OutputGradientSource(Source):
                 )
             return [targets]
         detached = outputs.detach()
+        if not bool(torch.isfinite(detached.sum())):
+            # a diverging model: sample anyway (the gradients will be non-finite and the
+            # structures skip them) rather than crash inside the likelihood's sampler
+            detached = torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0)
         return [likelihood.sample(detached, generator=generator)
                 for _ in range(self.num_samples)]
 

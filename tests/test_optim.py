@@ -741,3 +741,20 @@ def test_unknown_param_group_keys_are_reported():
     with pytest.warns(UserWarning, match=r"\['dampnig'\] are not curvlib hyperparameters"):
         curvlib.assemble(model, "gaussian", source="true_fisher", structure="tensor_normal",
                          params=[{"params": model.parameters(), "dampnig": 5.0}])
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_a_diverged_model_does_not_crash_the_statistics_step(likelihood):
+    """NaN outputs: the sampled statistics are skipped, the step does not raise."""
+    model = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = {"categorical": torch.zeros(4, dtype=torch.long),
+         "bernoulli": torch.zeros(4, 2, dtype=torch.float64),
+         "gaussian": torch.zeros(4, 2, dtype=torch.float64)}[likelihood]
+    opt = curvlib.TNT(model, likelihood, lr=0.1, damping=0.1)
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
+    assert opt.state[model.bias]["tnt_updates"] == 0  # the non-finite statistics were skipped

@@ -52,7 +52,7 @@ from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
 from curvlib.structures.base import Structure
 
-__all__ = ["TensorNormal", "mode_statistics", "normalise"]
+__all__ = ["TensorNormal", "mode_statistics", "normalisation_scales", "normalise"]
 
 Reshape = Literal["out_in_kernel", "out_rest", "as_is"]
 _LETTERS = string.ascii_lowercase
@@ -81,12 +81,9 @@ def mode_statistics(g: Tensor, modes: list[int] | None = None) -> list[Tensor]:
     return out
 
 
-def normalise(factors: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
-    """TNT's eq. (5): ``Ũ_i = H_i / (c_0^{k−1} ∏_{j≠i} d_j)`` with ``c_0`` from the traces.
-
-    ``factors`` holds ``H_i`` for every mode of ``dims`` (``None`` for a mode without a
-    factor, whose trace is not needed).
-    """
+def normalisation_scales(factors: list[Tensor | None], dims: tuple[int, ...]
+                         ) -> list[Tensor | None]:
+    """The scalars ``1 / (c_0^{k−1} ∏_{j≠i} d_j)`` of eq. (5) (``None`` where no factor)."""
     k = len(dims)
     traces = [torch.diagonal(f).sum() for f in factors if f is not None]
     total = torch.stack(traces).mean()
@@ -97,9 +94,18 @@ def normalise(factors: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
             out.append(None)
             continue
         others = math.prod(d for j, d in enumerate(dims) if j != i)
-        denom = (c0.pow(k - 1) * others).clamp_min(torch.finfo(f.dtype).tiny)
-        out.append(f / denom)
+        out.append(1.0 / (c0.pow(k - 1) * others).clamp_min(torch.finfo(f.dtype).tiny))
     return out
+
+
+def normalise(factors: list[Tensor | None], dims: tuple[int, ...]) -> list[Tensor | None]:
+    """TNT's eq. (5): ``Ũ_i = H_i / (c_0^{k−1} ∏_{j≠i} d_j)`` with ``c_0`` from the traces.
+
+    ``factors`` holds ``H_i`` for every mode of ``dims`` (``None`` for a mode without a
+    factor, whose trace is not needed).
+    """
+    scales = normalisation_scales(factors, dims)
+    return [None if f is None else f * c for f, c in zip(factors, scales, strict=True)]
 
 
 @register("structure", "tensor_normal")
@@ -199,7 +205,8 @@ class TensorNormal(Structure):
     def refresh(self, items, *, solver: Solver, damping: Callable[[Tensor], Tensor]
                 ) -> dict[str, int]:
         """Normalise every factor, add the damping, invert equal sizes in one batched call."""
-        groups: dict[tuple[int, torch.dtype, torch.device], list[tuple[dict, int, Tensor]]] = {}
+        groups: dict[tuple[int, torch.dtype, torch.device],
+                     list[tuple[dict, int, Tensor, Tensor]]] = {}
         for _, param, state in items:
             if state["tnt_updates"] == 0:
                 continue  # no statistics yet: keep the identity
@@ -208,15 +215,20 @@ class TensorNormal(Structure):
             if not any(on):
                 continue  # every mode longer than max_dim: nothing to invert
             hs = [state[f"tnt_H{i}"] if f else None for i, f in enumerate(on)]
-            for i, u in enumerate(normalise(hs, dims)):
-                if u is not None:
-                    groups.setdefault((u.shape[0], u.dtype, u.device), []).append((state, i, u))
+            for i, (h, c) in enumerate(zip(hs, normalisation_scales(hs, dims), strict=True)):
+                if h is not None:
+                    groups.setdefault((h.shape[0], h.dtype, h.device), []).append(
+                        (state, i, h, c))
         report = {"factors": 0, "recovered": 0, "kept": 0}
         for entries in groups.values():
-            mats = torch.stack([u for _, _, u in entries])
-            previous = torch.stack([st[f"tnt_inv{i}"] for st, i, _ in entries])
+            mats = torch.stack([h for _, _, h, _ in entries])  # one copy, normalised in place
+            mats.mul_(torch.stack([c for _, _, _, c in entries]).reshape(-1, 1, 1))
+
+            def previous(entries=entries) -> Tensor:
+                return torch.stack([st[f"tnt_inv{i}"] for st, i, _, _ in entries])
+
             result = robust_inverse(solver, mats, damping(mats), 1.0, previous)
-            for j, (st, i, _) in enumerate(entries):
+            for j, (st, i, _, _) in enumerate(entries):
                 st[f"tnt_inv{i}"].copy_(result.inverse[j])
             report["factors"] += len(entries)
             report["recovered"] += int(result.recovered.sum())
@@ -224,24 +236,31 @@ class TensorNormal(Structure):
         return report
 
     def direction(self, param: nn.Parameter, state: dict[str, Any], vector: Tensor) -> Tensor:
-        """``m ×_1 inv_1 ×_2 … ×_k inv_k`` by one planned contraction."""
+        """``m ×_1 inv_1 ×_2 … ×_k inv_k``: ``mv``/``mm`` for vectors and matrices, one
+        planned opt_einsum contraction for higher orders."""
         dims = self.dims(param.shape)
         k = len(dims)
-        letters = _LETTERS[:k]
         inverses = [state.get(f"tnt_inv{i}") for i in range(k)]
         dtype = next((t.dtype for t in inverses if t is not None), vector.dtype)
         m = vector.to(dtype).reshape(dims)
-        operands = [m]
-        out = list(letters)
-        terms = [letters]
-        for i, inv in enumerate(inverses):
-            if inv is None:
-                continue
-            out[i] = letters[i].upper()
-            terms.append(letters[i].upper() + letters[i])
-            operands.append(inv)
-        equation = ",".join(terms) + "->" + "".join(out)
-        return contract(equation, *operands).reshape(param.shape).to(vector.dtype)
+        if k == 1:
+            out = m if inverses[0] is None else inverses[0] @ m
+        elif k == 2:
+            out = m if inverses[0] is None else inverses[0] @ m
+            out = out if inverses[1] is None else out @ inverses[1].T
+        else:
+            letters = _LETTERS[:k]
+            operands = [m]
+            result = list(letters)
+            terms = [letters]
+            for i, inv in enumerate(inverses):
+                if inv is None:
+                    continue
+                result[i] = letters[i].upper()
+                terms.append(letters[i].upper() + letters[i])
+                operands.append(inv)
+            out = contract(",".join(terms) + "->" + "".join(result), *operands)
+        return out.reshape(param.shape).to(vector.dtype)
 
     def __repr__(self) -> str:
         return (f"TensorNormal(reshape={self.reshape!r}, max_dim={self.max_dim}, "
