@@ -21,3 +21,23 @@ def test_bench_sources_smoke_run(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Gram: materialise / contract" in result.stdout
     assert out.exists()
+
+
+def _smoke(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_micro_tnt_smoke_run(tmp_path):
+    """The TNT micro-benchmarks run and their equivalence checks pass."""
+    _smoke("micro_tnt.py", "--rounds", "3", "--json", str(tmp_path / "micro.json"))
+    assert (tmp_path / "micro.json").exists()
+
+
+def test_digits_autoencoder_smoke_run(tmp_path):
+    """The TNT / SGD-m / Adam comparison runs end to end (two epochs, one seed)."""
+    _smoke("digits_autoencoder.py", "--epochs", "2", "--seeds", "1", "--out",
+           str(tmp_path / "dae"))
+    assert list(tmp_path.glob("dae*"))
