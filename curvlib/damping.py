@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.registry import get, register
+from curvlib.registry import register, resolve
 
 __all__ = ["Constant", "Damping", "as_damping"]
 
@@ -49,9 +49,4 @@ class Constant(Damping):
 
 def as_damping(damping: str | Damping | type[Damping]) -> Damping:
     """A damping rule from a registered name, a class or an object."""
-    if isinstance(damping, Damping):
-        return damping
-    cls = get("damping", damping) if isinstance(damping, str) else damping
-    if not (isinstance(cls, type) and issubclass(cls, Damping)):
-        raise TypeError(f"{damping!r} is not a curvlib damping rule (curvlib.damping.Damping)")
-    return cls()
+    return resolve("damping", damping, Damping)

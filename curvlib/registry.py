@@ -43,6 +43,7 @@ __all__ = [
     "load_plugins",
     "register",
     "registrations",
+    "resolve",
     "unregister",
 ]
 
@@ -187,6 +188,24 @@ def get(kind: str, name: str) -> Any:
     if name not in table:
         raise _unknown(kind, name)
     return table[name].obj
+
+
+def resolve(kind: str, component: Any, base: type, **options: Any) -> Any:
+    """An instance of ``base`` from a registered name, a class, or an instance.
+
+    Names are looked up with :func:`get`; names and classes are instantiated with
+    ``options``; an instance is returned as it is (options are then an error).
+    """
+    if isinstance(component, base):
+        if options:
+            raise TypeError(f"options can only be given with a {kind} name or class")
+        return component
+    cls = get(kind, component) if isinstance(component, str) else component
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(
+            f"{component!r} is not a curvlib {kind} (a {base.__module__}.{base.__qualname__})"
+        )
+    return cls(**options)
 
 
 def registrations(kind: str) -> list[Registration]:

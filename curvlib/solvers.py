@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.registry import get, register
+from curvlib.registry import register, resolve
 
 __all__ = [
     "Cholesky",
@@ -199,15 +199,7 @@ class Newton(Solver):
 
 def as_solver(solver: str | Solver | type[Solver], **options) -> Solver:
     """A solver object from a registered name, a class or an object."""
-    if isinstance(solver, Solver):
-        if options:
-            raise TypeError("options can only be given with a solver name or class")
-        return solver
-    cls = get("solver", solver) if isinstance(solver, str) else solver
-    if not (isinstance(cls, type) and issubclass(cls, Solver)):
-        raise TypeError(f"{solver!r} is not a curvlib solver (a curvlib.solvers.Solver)")
-    return cls(**options)
-
+    return resolve("solver", solver, Solver, **options)
 
 @dataclass
 class InverseResult:

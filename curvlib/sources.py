@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from curvlib.capture import Call, Capture
 from curvlib.layers.base import LayerPlugin, plugin_for, trainable_parameters
 from curvlib.likelihoods import Likelihood, as_likelihood
-from curvlib.registry import get, register
+from curvlib.registry import register, resolve
 
 __all__ = [
     "PROVIDES",
@@ -562,15 +562,7 @@ def as_source(source: str | Source | type[Source], **options: Any) -> Source:
 
     ``options`` are passed to the constructor for names and classes.
     """
-    if isinstance(source, Source):
-        if options:
-            raise TypeError("options can only be given with a source name or class")
-        return source
-    cls = get("source", source) if isinstance(source, str) else source
-    if not (isinstance(cls, type) and issubclass(cls, Source)):
-        raise TypeError(f"{source!r} is not a curvlib source (a curvlib.sources.Source)")
-    return cls(**options)
-
+    return resolve("source", source, Source, **options)
 
 def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
          source: str | Source, generator: torch.Generator | None, what: str, verify: bool

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from curvlib.registry import get
+from curvlib.registry import resolve
 
 __all__ = ["Structure", "as_structure"]
 
@@ -62,12 +62,4 @@ class Structure(abc.ABC):
 
 def as_structure(structure: str | Structure | type[Structure], **options: Any) -> Structure:
     """A structure object from a registered name, a class or an object."""
-    if isinstance(structure, Structure):
-        if options:
-            raise TypeError("options can only be given with a structure name or class")
-        return structure
-    cls = get("structure", structure) if isinstance(structure, str) else structure
-    if not (isinstance(cls, type) and issubclass(cls, Structure)):
-        raise TypeError(
-            f"{structure!r} is not a curvlib structure (a curvlib.structures.Structure)")
-    return cls(**options)
+    return resolve("structure", structure, Structure, **options)
