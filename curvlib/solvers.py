@@ -201,6 +201,7 @@ def as_solver(solver: str | Solver | type[Solver], **options) -> Solver:
     """A solver object from a registered name, a class or an object."""
     return resolve("solver", solver, Solver, **options)
 
+
 @dataclass
 class InverseResult:
     """What :func:`robust_inverse` did.

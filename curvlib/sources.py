@@ -564,6 +564,7 @@ def as_source(source: str | Source | type[Source], **options: Any) -> Source:
     """
     return resolve("source", source, Source, **options)
 
+
 def _run(model: nn.Module, likelihood: Any, inputs: Any, targets: Tensor | None,
          source: str | Source, generator: torch.Generator | None, what: str, verify: bool
          ) -> Statistics:
