@@ -162,6 +162,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if "structure" not in state:
                 state.update(self.structure.init_state(p))
+                # marks state the structure initialised (a tensor: torch's load_state_dict
+                # turns non-tensor values such as strings into generators)
                 state["structure"] = torch.ones(())
             items.append((self._names[id(p)], p, state))
         return items

@@ -618,6 +618,12 @@ def _verify(model: nn.Module, lik: Likelihood, outputs: Tensor, stats: Statistic
                 )
 
 
+def _backend(backend: str) -> str:
+    if backend not in ("curvlib", "backpack"):
+        raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
+    return backend
+
+
 def per_sample_grads(
     model: nn.Module,
     likelihood: Any,
@@ -651,12 +657,10 @@ def per_sample_grads(
 
     The model is run once in its current mode; parameter ``.grad`` is not touched.
     """
-    if backend == "backpack":
+    if _backend(backend) == "backpack":
         from curvlib.backends.backpack import per_sample_grads as bp_grads
 
         return bp_grads(model, likelihood, inputs, targets, source=source, generator=generator)
-    if backend != "curvlib":
-        raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
     return _run(model, likelihood, inputs, targets, source, generator,
                 "per_sample_grads", verify).per_sample_grads()
 
@@ -679,11 +683,9 @@ def gram(
     Arguments as :func:`per_sample_grads`. With the curvlib backend, Linear and
     convolution layers never materialise per-sample gradients unless that is cheaper.
     """
-    if backend == "backpack":
+    if _backend(backend) == "backpack":
         grads = per_sample_grads(model, likelihood, inputs, targets, source=source,
                                  generator=generator, backend="backpack")
         return {n: g.reshape(g.shape[0], -1) @ g.reshape(g.shape[0], -1).T
                 for n, g in grads.items()}
-    if backend != "curvlib":
-        raise ValueError(f"backend must be 'curvlib' or 'backpack', got {backend!r}")
     return _run(model, likelihood, inputs, targets, source, generator, "gram", verify).gram()

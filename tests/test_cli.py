@@ -131,6 +131,9 @@ def test_fisher_table_has_the_rows_and_columns(run: tuple[str, dict[str, Any]]) 
     for row, data in zip(rows, [*report["blocks"], report["total"]], strict=True):
         assert len(row) == len(header)
         assert row[1] == str(data["P"])
+        # The table prints 5 significant digits (.4e) and 4 decimals (.4f): these compare the
+        # printed rounding with the JSON; the values themselves are checked against the
+        # oracles at 1e-10 further down this file.
         assert float(row[2]) == pytest.approx(data["trace_exact"], rel=1e-4)
         assert float(row[3]) == pytest.approx(data["frobenius_exact"], rel=1e-4)
         for cell, key in zip(row[4:], APPROX_KEYS, strict=True):

@@ -25,7 +25,14 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_INTERMEDIATE", "GramMethod", "choose_gram_method", "gram_costs"]
+__all__ = [
+    "MAX_INTERMEDIATE",
+    "GramMethod",
+    "choose_gram_method",
+    "contract",
+    "gram_costs",
+    "pick_gram_method",
+]
 
 GramMethod = Literal["auto", "contract", "materialise"]
 
@@ -51,23 +58,32 @@ def gram_costs(n: int, t: int, g: int, d: int, o: int) -> dict[str, int]:
     return {"contract": contract_cost, "materialise": materialise_cost}
 
 
-def choose_gram_method(method: GramMethod, n: int, t: int, g: int, d: int, o: int) -> str:
-    """``contract`` or ``materialise``: the forced one, or the cheaper one for ``auto``."""
+def pick_gram_method(method: str, costs: dict[str, int], memory: dict[str, int]) -> str:
+    """The Gram method to use: ``method`` if forced, else the cheaper of ``costs``.
+
+    ``costs`` and ``memory`` give, for ``"contract"`` and ``"materialise"``, the multiply-adds
+    and the largest intermediate (elements); ``auto`` avoids a method whose intermediate
+    exceeds :data:`MAX_INTERMEDIATE` when the other one fits. Layer plugins with their own
+    cost model (see the Bilinear plugin) share this rule.
+    """
     if method in ("contract", "materialise"):
         return method
     if method != "auto":
         raise ValueError(
             f"gram_method must be 'auto', 'contract' or 'materialise', got {method!r}"
         )
-    costs = gram_costs(n, t, g, d, o)
     best = min(costs, key=costs.__getitem__)
-    contract_memory = (n * t) ** 2 * g
-    materialise_memory = n * g * d * o
-    if best == "contract" and contract_memory > MAX_INTERMEDIATE >= materialise_memory:
-        return "materialise"
-    if best == "materialise" and materialise_memory > MAX_INTERMEDIATE >= contract_memory:
-        return "contract"
+    other = "materialise" if best == "contract" else "contract"
+    if memory[best] > MAX_INTERMEDIATE >= memory[other]:
+        return other
     return best
+
+
+def choose_gram_method(method: GramMethod, n: int, t: int, g: int, d: int, o: int) -> str:
+    """``contract`` or ``materialise`` for a weight ``(G, O, D)`` at ``N`` samples, ``T``
+    positions: the forced one, or the cheaper one for ``auto``."""
+    memory = {"contract": (n * t) ** 2 * g, "materialise": n * g * d * o}
+    return pick_gram_method(method, gram_costs(n, t, g, d, o), memory)
 
 
 def per_sample_weight(x: Tensor, z: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ weighted gradient is ``(c⊙Z)ᵀX``, one matrix product.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -46,9 +47,9 @@ class PatchPlugin(LayerPlugin):
         """Number of weight groups ``G``."""
         return 1
 
+    @abc.abstractmethod
     def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
         """``X (N, T, G, D)`` and ``Z (N, T, G, O/G)`` of one call, in the working dtype."""
-        raise NotImplementedError
 
     def _all_patches(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         self.check(module, calls)
@@ -119,13 +120,13 @@ class PatchPlugin(LayerPlugin):
             b = c @ self.bias_grad_per_sample(module, z)
         return w, b
 
+    @abc.abstractmethod
     def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         """The layer's ordinary weight gradient for inputs ``x`` and output gradient ``z``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
         """``(N, O)``: the output gradient summed over positions, per sample."""
-        raise NotImplementedError
 
     def mode_statistics(self, module: nn.Module, calls: Sequence[Call],
                         dims: dict[str, tuple[int, ...]],

@@ -27,17 +27,18 @@ takes the cheaper one (:func:`choose_gram_method`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Literal
 
 import curvlib
-import opt_einsum as oe
 import torch
 from curvlib.capture import Call
 from curvlib.layers import (
+    MAX_INTERMEDIATE,
     KFACFactors,
     LayerPlugin,
     LayerPluginError,
+    contract,
+    pick_gram_method,
     trainable_parameters,
     work_dtype,
 )
@@ -54,19 +55,6 @@ __all__ = [
 GramMethod = Literal["auto", "contract", "materialise"]
 
 #: Largest intermediate (elements) a method may build before ``auto`` prefers the other one.
-MAX_INTERMEDIATE = 2**27
-
-
-@lru_cache(maxsize=256)
-def _expression(equation: str, *shapes: tuple[int, ...]) -> oe.contract.ContractExpression:
-    """An opt_einsum contraction, its path planned once per equation and operand shapes."""
-    return oe.contract_expression(equation, *shapes, optimize="optimal")
-
-
-def _einsum(equation: str, *operands: Tensor) -> Tensor:
-    """Evaluate ``equation`` on torch tensors through the cached plan."""
-    plan = _expression(equation, *(tuple(op.shape) for op in operands))
-    return plan(*operands, backend="torch")
 
 
 def gram_costs(n: int, t: int, i1: int, i2: int, o: int) -> dict[str, int]:
@@ -93,19 +81,8 @@ def choose_gram_method(method: str, n: int, t: int, i1: int, i2: int, o: int) ->
     (``(NT)²`` for contraction, ``N·O·I1·I2`` for materialisation) exceeds
     :data:`MAX_INTERMEDIATE` elements when the other one fits.
     """
-    if method in ("contract", "materialise"):
-        return method
-    if method != "auto":
-        raise ValueError(
-            f"gram_method must be 'auto', 'contract' or 'materialise', got {method!r}"
-        )
-    costs = gram_costs(n, t, i1, i2, o)
-    best = min(costs, key=costs.__getitem__)
     memory = {"contract": (n * t) ** 2, "materialise": n * o * i1 * i2}
-    other = "materialise" if best == "contract" else "contract"
-    if memory[best] > MAX_INTERMEDIATE >= memory[other]:
-        return other
-    return best
+    return pick_gram_method(method, gram_costs(n, t, i1, i2, o), memory)
 
 
 def _call_inputs(module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
@@ -191,7 +168,7 @@ class BilinearPlugin(LayerPlugin):
         x1, x2, z = self._all_operands(module, calls)
         out: dict[str, Tensor] = {}
         if "weight" in params:
-            out["weight"] = _einsum("nto,nti,ntj->noij", z, x1, x2)
+            out["weight"] = contract("nto,nti,ntj->noij", z, x1, x2)
         if "bias" in params:
             out["bias"] = z.sum(1)
         return out
@@ -213,12 +190,12 @@ class BilinearPlugin(LayerPlugin):
         n, t, i1 = x1.shape
         i2, o = x2.shape[-1], z.shape[-1]
         if choose_gram_method(self.gram_method, n, t, i1, i2, o) == "materialise":
-            u = _einsum("nto,nti,ntj->noij", z, x1, x2).reshape(n, -1)
+            u = contract("nto,nti,ntj->noij", z, x1, x2).reshape(n, -1)
             return u @ u.T
         # (UᵀU)_{mn} = Σ_{t,s} (z_mt·z_ns)(x1_mt·x1_ns)(x2_mt·x2_ns)
-        k = _einsum("mto,nso->mtns", z, z)
-        k.mul_(_einsum("mti,nsi->mtns", x1, x1))
-        k.mul_(_einsum("mtj,nsj->mtns", x2, x2))
+        k = contract("mto,nso->mtns", z, z)
+        k.mul_(contract("mti,nsi->mtns", x1, x1))
+        k.mul_(contract("mtj,nsj->mtns", x2, x2))
         return k.sum((1, 3))
 
     def weighted_grads(
@@ -235,7 +212,7 @@ class BilinearPlugin(LayerPlugin):
             cz = z * coefficients.to(device=z.device, dtype=dtype).reshape(n, 1, 1)
             parts = {}
             if "weight" in params:
-                parts["weight"] = _einsum("nto,nti,ntj->oij", cz, x1, x2)
+                parts["weight"] = contract("nto,nti,ntj->oij", cz, x1, x2)
             if "bias" in params:
                 parts["bias"] = cz.sum((0, 1))
             for name, value in parts.items():
@@ -267,8 +244,8 @@ class BilinearPlugin(LayerPlugin):
             parts.append(x1.new_ones(n, t, 1))
         xb = torch.cat(parts, -1)
         if mode == "expand":
-            a = _einsum("ntd,nte->de", xb, xb) / (n * t)
-            b = _einsum("nto,ntp->op", z, z) / n
+            a = contract("ntd,nte->de", xb, xb) / (n * t)
+            b = contract("nto,ntp->op", z, z) / n
         else:
             xm, zs = xb.mean(1), z.sum(1)
             a = xm.T @ xm / n
