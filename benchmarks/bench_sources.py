@@ -67,6 +67,9 @@ from curvlib.capture import Capture
 from curvlib.layers import Conv2dPlugin, LinearPlugin
 from curvlib.sources import TrueFisher
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import SampleStats, cpu_model, rel_diff
+
 WIDTHS = (784, 1000, 500, 250, 10)
 BATCH = 128
 CONV = {"in": 32, "out": 64, "kernel": 3, "padding": 1, "size": 16}
@@ -85,7 +88,7 @@ SLOW_SAMPLES = 10  # ... is sampled about this many times (every k-th round)
 
 
 @dataclass
-class Variant:
+class Variant(SampleStats):
     """One timed operation."""
 
     key: str
@@ -97,16 +100,6 @@ class Variant:
     stride: int = 1  # measured in every `stride`-th round (set for slow variants)
     samples: list[float] = field(default_factory=list)  # seconds per call
     faults: list[float] = field(default_factory=list)  # minor page faults per call
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def quartiles(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
 
 
 def make_sync(device: torch.device) -> Callable[[], None]:
@@ -202,12 +195,6 @@ def mlp(activation: str) -> nn.Sequential:
         if i < len(WIDTHS) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
-
-
-def rel_diff(a: Tensor, b: Tensor) -> float:
-    """``‖a − b‖ / ‖b‖`` in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def capture_xz(model: nn.Module, inputs: Tensor, targets: Tensor):
@@ -543,17 +530,6 @@ COMPARISONS = [
     ("[diag] sampled step: collect / raw autograd.grad", "step_sampled", "step_sampled_raw",
      "—", None),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def metadata(args: argparse.Namespace) -> dict:

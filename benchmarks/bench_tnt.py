@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tnt_common import (
+from _common import (
     Timed,
     asdl_factor_bytes,
     asdl_kfac,

@@ -48,7 +48,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tnt_common import autoencoder, loadavg, metadata
+from _common import autoencoder, loadavg, metadata
 
 import curvlib
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tnt_common import Timed, autoencoder, interleave, loadavg, metadata, rel_diff
+from _common import Timed, autoencoder, interleave, loadavg, metadata, rel_diff
 
 import curvlib
 from curvlib.solvers import robust_inverse

@@ -1,4 +1,5 @@
-"""Helpers shared by ``bench_tnt.py``, ``micro_tnt.py`` and ``digits_autoencoder.py``.
+"""Helpers shared by the benchmark scripts (``bench_sources.py``, ``bench_tnt.py``,
+``micro_tnt.py``, ``digits_autoencoder.py``).
 
 Not a benchmark by itself: the autoencoder builder, a timer that interleaves variants and
 keeps medians, the ASDL adapter (a Bernoulli MC Fisher for its K-FAC) and the run metadata.
@@ -49,8 +50,24 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
 # timing
 
 
+class SampleStats:
+    """Median and quartiles of a ``samples`` list (mixed into the timing records)."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.samples) < 2:
+            return self.samples[0], self.samples[0]
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[0], q[2]
+
+
 @dataclass
-class Timed:
+class Timed(SampleStats):
     """One timed thing: ``run`` is timed, ``prepare`` (if any) runs untimed before each sample.
 
     ``per`` divides a sample (e.g. the number of steps in a timed cycle) to give the reported
@@ -63,16 +80,6 @@ class Timed:
     prepare: Callable[[], object] | None = None
     per: int = 1
     samples: list[float] = field(default_factory=list)  # seconds per unit
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def quartiles(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
 
     def sample(self) -> float:
         if self.prepare is not None:
