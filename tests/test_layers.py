@@ -82,6 +82,119 @@ def test_fast_plugins_equal_generic_path(case, seed):
         assert_close(a[name], b[name], what=f"weighted {name}")
 
 
+# -- row_dots and weighted_grads(params=...) ---------------------------------------------------
+
+
+def _random_calls(case, gen):
+    calls = []
+    for args, kwargs in case.calls:
+        with torch.no_grad():
+            out = case.module(*args, **kwargs)
+        calls.append(Call(args, kwargs, out, torch.randn(out.shape, generator=gen,
+                                                         dtype=out.dtype), out._version))
+    return calls
+
+
+def _no_materialising(plugin):
+    """``plugin`` with ``per_sample_grads`` replaced by a failure (on this instance only)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("per-sample gradients were materialised")
+
+    plugin.per_sample_grads = fail
+    return plugin
+
+
+@given(case=st.one_of(linear_cases(), conv_cases(), generic_cases()), seed=seeds())
+def test_row_dots_fast_paths_equal_the_materialising_default(case, seed):
+    """Linear, convolutions and the generic plugin never form ``g_n`` for ``⟨g_n, v⟩`` and
+    agree with the base class's default, which does."""
+    module = case.module
+    gen = torch.Generator().manual_seed(seed)
+    calls = _random_calls(case, gen)
+    vectors = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+               for k, p in module.named_parameters(recurse=False)}
+    plugin = plugin_for(module)
+    expected = LayerPlugin.row_dots(plugin, module, calls, vectors)
+    for fast in (_no_materialising(type(plugin)()), _no_materialising(GenericPlugin())):
+        got = fast.row_dots(module, calls, vectors)
+        assert got.keys() == expected.keys() == vectors.keys()
+        for name in got:
+            assert_close(got[name], expected[name], what=f"row_dots {name}")
+    # a subset: exactly the names asked for
+    name = next(iter(vectors))
+    assert set(plugin.row_dots(module, calls, {name: vectors[name]})) == {name}
+    assert plugin.row_dots(module, calls, {}) == {}
+
+
+def test_weighted_grads_of_one_parameter_skips_the_other():
+    lin = nn.Linear(3, 2).double()
+    calls = _calls(lin, torch.randn(4, 5, 3, dtype=torch.float64))
+    conv = nn.Conv2d(2, 4, 3, padding="same", padding_mode="reflect", groups=2).double()
+    conv_calls = _calls(conv, torch.randn(4, 2, 5, 6, dtype=torch.float64))
+    c = torch.randn(4, dtype=torch.float64)
+    for module, calls_, cls in ((lin, calls, LinearPlugin), (conv, conv_calls, Conv2dPlugin)):
+        full = cls().weighted_grads(module, calls_, c)
+        plugin = cls()
+
+        def fail(*args, **kwargs):
+            raise AssertionError("the weight gradient was computed")
+
+        plugin.weight_gradient = fail
+        bias_only = plugin.weighted_grads(module, calls_, c, params=["bias"])
+        assert set(bias_only) == {"bias"}
+        assert_close(bias_only["bias"], full["bias"])
+        weight_only = cls().weighted_grads(module, calls_, c, params={"weight"})
+        assert set(weight_only) == {"weight"}
+        assert_close(weight_only["weight"], full["weight"])
+        generic = GenericPlugin().weighted_grads(module, calls_, c, params=("bias",))
+        assert set(generic) == {"bias"}
+        assert_close(generic["bias"], full["bias"])
+        assert cls().weighted_grads(module, calls_, c, params=[]) == {}
+
+
+def test_unknown_or_frozen_names_are_errors():
+    lin = nn.Linear(3, 2).double()
+    lin.bias.requires_grad_(False)
+    calls = _calls(lin, torch.randn(4, 3, dtype=torch.float64))
+    c = torch.ones(4, dtype=torch.float64)
+    v = torch.zeros(2, 3, dtype=torch.float64)
+    for plugin in (LinearPlugin(), GenericPlugin()):
+        for bad in ("bias", "nope"):
+            with pytest.raises(ValueError, match=rf"no trainable parameter\(s\) \['{bad}'\].*"
+                                                 rf"\['weight'\]"):
+                plugin.weighted_grads(lin, calls, c, params=[bad])
+            with pytest.raises(ValueError, match=rf"\['{bad}'\]"):
+                plugin.row_dots(lin, calls, {"weight": v, bad: torch.zeros(2)})
+            with pytest.raises(ValueError, match=rf"\['{bad}'\]"):
+                LayerPlugin.row_dots(plugin, lin, calls, {bad: torch.zeros(2)})
+        with pytest.raises(ValueError, match=r"vector for Linear.weight has shape \(3, 2\)"):
+            plugin.row_dots(lin, calls, {"weight": v.T})
+        with pytest.raises(LayerPluginError, match="not called"):
+            plugin.row_dots(lin, [], {"weight": v})
+
+
+def test_row_dots_in_the_working_dtype():
+    """bf16 layers work in float32; float64 vectors and coefficients do not promote that."""
+    lin = nn.Linear(4, 3).to(torch.bfloat16)
+    conv = nn.Conv1d(2, 3, 2, padding=1, padding_mode="circular").to(torch.bfloat16)
+    cases = [(lin, _calls(lin, torch.randn(5, 2, 4, dtype=torch.bfloat16))),
+             (conv, _calls(conv, torch.randn(5, 2, 6, dtype=torch.bfloat16)))]
+    for module, calls in cases:
+        vectors = {k: torch.randn(p.shape, dtype=torch.float64)
+                   for k, p in module.named_parameters()}
+        c = torch.randn(5, dtype=torch.float64)
+        for plugin in (plugin_for(module), GenericPlugin()):
+            dots = plugin.row_dots(module, calls, vectors)
+            assert {d.dtype for d in dots.values()} == {torch.float32}
+            default = LayerPlugin.row_dots(plugin, module, calls, vectors)
+            for name in dots:
+                assert dots[name].shape == (5,)
+                assert_close(dots[name], default[name], rtol=1e-5, what="float32 round-off")
+            one = plugin.weighted_grads(module, calls, c, params=["weight"])
+            assert one["weight"].dtype == torch.float32
+
+
 # -- the Gram paths ----------------------------------------------------------------------------
 
 
@@ -381,7 +494,7 @@ def test_layer_plugin_is_abstract_and_documented():
         LayerPlugin()
     for cls in (LinearPlugin, Conv1dPlugin, Conv2dPlugin, Conv3dPlugin, GenericPlugin):
         assert cls.__doc__
-        for name in ("per_sample_grads", "gram", "weighted_grads", "kfac_factors"):
+        for name in ("per_sample_grads", "gram", "weighted_grads", "row_dots", "kfac_factors"):
             assert getattr(cls, name).__doc__, f"{cls.__name__}.{name} has no docstring"
 
 

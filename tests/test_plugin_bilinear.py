@@ -340,8 +340,13 @@ def test_results_are_in_the_working_dtype(dtype: torch.dtype, work: torch.dtype)
                   _randn(gen, 3, 2).to(dtype))]
     for method in METHODS:
         plugin = mod.BilinearPlugin(method)
+        vectors = {k: torch.ones(p.shape, dtype=torch.float64)
+                   for k, p in module.named_parameters()}
         for result in (plugin.per_sample_grads(module, calls), plugin.gram(module, calls),
-                       plugin.weighted_grads(module, calls, torch.ones(3, dtype=dtype))):
+                       plugin.weighted_grads(module, calls, torch.ones(3, dtype=dtype)),
+                       plugin.weighted_grads(module, calls, torch.ones(3, dtype=torch.float64),
+                                             params=["weight"]),
+                       plugin.row_dots(module, calls, vectors)):
             assert {v.dtype for v in result.values()} == {work}
 
 
@@ -367,7 +372,11 @@ def _call(x1: Tensor, x2: Tensor | None, z: Tensor | None, keyword: bool = False
 def test_clear_errors(call: Call, match: str) -> None:
     plugin = _plugin().BilinearPlugin()
     module = nn.Bilinear(2, 3, 2)
-    for method in (plugin.per_sample_grads, plugin.gram):
+
+    def row_dots(module: nn.Module, calls: list[Call]) -> Any:
+        return plugin.row_dots(module, calls, {"weight": torch.zeros(2, 2, 3)})
+
+    for method in (plugin.per_sample_grads, plugin.gram, row_dots):
         with pytest.raises(LayerPluginError, match=match):
             method(module, [call])
 
@@ -379,3 +388,34 @@ def test_coefficients_must_match_the_batch() -> None:
         plugin.weighted_grads(nn.Bilinear(2, 3, 2), [call], torch.ones(4))
     with pytest.raises(LayerPluginError, match="not called"):
         plugin.weighted_grads(nn.Bilinear(2, 3, 2), [], torch.ones(3))
+
+
+def test_row_dots_by_contraction_equal_the_materialising_default() -> None:
+    """The contraction ``Σ_t z V x1 x2`` equals the base class's materialised ``⟨g_n, v⟩``,
+    over two calls, for one parameter or both."""
+    mod = _plugin()
+    gen = torch.Generator().manual_seed(5)
+    module = nn.Bilinear(3, 4, 2).double()
+    calls = [Call((_randn(gen, 5, 2, 3), _randn(gen, 5, 2, 4)), {}, None, _randn(gen, 5, 2, 2)),
+             Call((_randn(gen, 5, 3),), {"input2": _randn(gen, 5, 4)}, None, _randn(gen, 5, 2))]
+    vectors = {"weight": _randn(gen, 2, 3, 4), "bias": _randn(gen, 2)}
+    plugin = mod.BilinearPlugin()
+    expected = curvlib.layers.LayerPlugin.row_dots(plugin, module, calls, vectors)
+    got = plugin.row_dots(module, calls, vectors)
+    assert got.keys() == {"weight", "bias"}
+    for name in got:
+        assert got[name].shape == (5,)
+        assert_close(got[name], expected[name], what=f"row_dots {name}")
+    assert set(plugin.row_dots(module, calls, {"bias": vectors["bias"]})) == {"bias"}
+
+
+def test_unknown_parameter_names_are_rejected() -> None:
+    plugin = _plugin().BilinearPlugin()
+    module = nn.Bilinear(2, 3, 2, bias=False)
+    call = _call(torch.randn(3, 2), torch.randn(3, 3), torch.randn(3, 2))
+    with pytest.raises(ValueError, match=r"no trainable parameter\(s\) \['bias'\]"):
+        plugin.weighted_grads(module, [call], torch.ones(3), params=["bias"])
+    with pytest.raises(ValueError, match=r"no trainable parameter\(s\) \['nope'\]"):
+        plugin.row_dots(module, [call], {"nope": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"has shape \(2, 3, 2\), the parameter \(2, 2, 3\)"):
+        plugin.row_dots(module, [call], {"weight": torch.zeros(2, 3, 2)})

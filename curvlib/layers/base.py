@@ -7,7 +7,9 @@ curvature sources and structures need:
 * :meth:`LayerPlugin.per_sample_grads` — ``g_n = ∂ℓ_n/∂θ`` for each trainable parameter of
   the module, shape ``(N, *param.shape)``;
 * :meth:`LayerPlugin.gram` — the per-sample Gram ``UᵀU`` (``N × N``) of each parameter;
-* :meth:`LayerPlugin.weighted_grads` — ``Σ_n c_n g_n`` for a coefficient vector ``c``;
+* :meth:`LayerPlugin.weighted_grads` — ``Σ_n c_n g_n`` for a coefficient vector ``c``
+  (optionally for a subset of the parameters, ``params=``);
+* :meth:`LayerPlugin.row_dots` — ``⟨g_n, v⟩`` for each sample and a parameter-shaped ``v``;
 * :meth:`LayerPlugin.kfac_factors` — Kronecker factors of the layer's curvature.
 
 Conventions: every method receives the *list* of calls a module made in one forward pass
@@ -25,7 +27,7 @@ gets the ``generic`` plugin, which works for any module whose samples are indepe
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -129,9 +131,9 @@ class LayerPlugin(abc.ABC):
     """Base class of layer plugins; subclass it and register it with kind ``"layer"``.
 
     A subclass sets :attr:`module_types` and implements :meth:`per_sample_grads` and
-    :meth:`weighted_grads`; :meth:`gram` defaults to the Gram of the per-sample gradients,
-    and :meth:`kfac_factors` to "not available". Plugins hold no per-module state: one
-    instance serves every module of its types.
+    :meth:`weighted_grads`; :meth:`gram` and :meth:`row_dots` default to materialising the
+    per-sample gradients, and :meth:`kfac_factors` to "not available". Plugins hold no
+    per-module state: one instance serves every module of its types.
 
     Example::
 
@@ -143,7 +145,9 @@ class LayerPlugin(abc.ABC):
                 return {"weight": sum((c.input * c.grad_output).reshape(
                     c.batch_size, -1, module.weight.numel()).sum(1) for c in calls)}
 
-            def weighted_grads(self, module, calls, coefficients):
+            def weighted_grads(self, module, calls, coefficients, *, params=None):
+                if not self.selected_parameters(module, params):
+                    return {}
                 return {"weight": sum(torch.einsum("n,n...d->d", coefficients,
                                                    c.input * c.grad_output) for c in calls)}
 
@@ -186,6 +190,43 @@ class LayerPlugin(abc.ABC):
                 f"{tuple(coefficients.shape)}"
             )
 
+    def selected_parameters(self, module: nn.Module, params: Collection[str] | None = None
+                            ) -> dict[str, nn.Parameter]:
+        """The module's trainable parameters by local name, or only those named in ``params``.
+
+        ``params=None`` means all of them; a single string is taken as one name. The result
+        keeps the module's parameter order.
+
+        Raises:
+            ValueError: a name in ``params`` is not a trainable parameter of the module (the
+                message names it and the trainable ones).
+        """
+        trainable = trainable_parameters(module)
+        if params is None:
+            return trainable
+        names = {params} if isinstance(params, str) else set(params)
+        unknown = sorted(names - set(trainable))
+        if unknown:
+            raise ValueError(
+                f"{type(module).__name__} has no trainable parameter(s) {unknown}; its "
+                f"trainable parameters are {sorted(trainable)}"
+            )
+        return {k: p for k, p in trainable.items() if k in names}
+
+    def check_vectors(self, module: nn.Module, calls: Sequence[Call],
+                      vectors: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
+        """:meth:`check`, then that every name in ``vectors`` is a trainable parameter and its
+        tensor has the parameter's shape; returns those parameters (module order)."""
+        self.check(module, calls)
+        params = self.selected_parameters(module, list(vectors))
+        for name, p in params.items():
+            if tuple(vectors[name].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"the vector for {type(module).__name__}.{name} has shape "
+                    f"{tuple(vectors[name].shape)}, the parameter {tuple(p.shape)}"
+                )
+        return params
+
     @abc.abstractmethod
     def per_sample_grads(self, module: nn.Module, calls: Sequence[Call]) -> dict[str, Tensor]:
         """Per-sample gradients ``(N, *shape)`` of each trainable parameter, by local name."""
@@ -205,9 +246,39 @@ class LayerPlugin(abc.ABC):
 
     @abc.abstractmethod
     def weighted_grads(
-        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
+        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor, *,
+        params: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
-        """``Σ_n c_n g_n`` of each trainable parameter (parameter-shaped), by local name."""
+        """``Σ_n c_n g_n`` of each trainable parameter (parameter-shaped), by local name.
+
+        With ``params`` only those local names are computed and returned (a subset of the
+        trainable ones; :meth:`selected_parameters` checks them and raises ``ValueError``
+        for others). ``coefficients`` ``(N,)`` never promote the working dtype.
+        """
+
+    def row_dots(self, module: nn.Module, calls: Sequence[Call],
+                 vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``⟨g_n, v⟩`` for every sample ``n``, shape ``(N,)``, for each local name in
+        ``vectors`` (a parameter-shaped ``v`` per trainable parameter asked for).
+
+        ``g_n`` is the per-sample gradient of :meth:`per_sample_grads` (not divided by
+        ``N``, all calls summed). The result is in the working dtype; ``v`` never promotes
+        it. Names that are not trainable parameters of the module raise ``ValueError``.
+
+        The default **materialises** the per-sample gradients and takes the inner products;
+        plugins override it where the layer's structure avoids that (Linear, convolutions,
+        the generic plugin's JVP).
+        """
+        self.check_vectors(module, calls, vectors)
+        if not vectors:
+            return {}
+        grads = self.per_sample_grads(module, calls)
+        out = {}
+        for name, v in vectors.items():
+            g = grads[name]
+            flat = g.reshape(g.shape[0], -1)
+            out[name] = flat @ v.to(device=g.device, dtype=g.dtype).reshape(-1)
+        return out
 
     def mode_statistics(self, module: nn.Module, calls: Sequence[Call],
                         dims: dict[str, tuple[int, ...]],

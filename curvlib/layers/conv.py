@@ -12,7 +12,9 @@ whichever costs fewer multiply-adds (:mod:`._patch`). Patches come from ``F.unfo
 The weighted gradient ``Σ_n c_n g_n`` never unfolds: it is the convolution's own weight
 gradient (``convolution_backward``, what autograd runs) of the scaled output gradient
 ``c⊙Z``, or, equivalently and cheaper when the input is smaller, of ``Z`` with the scaled
-input ``c⊙X``.
+input ``c⊙X``. The per-sample inner products ``⟨g_n, V⟩`` never unfold either: the layer is
+linear in its weight, so ``⟨g_n, V⟩ = Σ_t z_nt · conv(x_n; weight=V, bias=None)_t``, one
+forward convolution of the (padded) input with weight ``V``.
 """
 
 from __future__ import annotations
@@ -134,6 +136,28 @@ class ConvPlugin(PatchPlugin):
             list(module.dilation), False, [0] * self.dim, module.groups, [False, True, False],
         )
         return gw
+
+    def weight_row_dots(self, module: nn.Module, call: Call, v: Tensor) -> Tensor:
+        """``(N,)``: ``Σ_t z_nt · conv(x_n; weight=v)_t``, one forward convolution of the
+        padded input with weight ``v`` (no bias), times ``Z``, summed per sample."""
+        self._check_conv(module)
+        x, z = call.input, call.grad_output
+        if x.dim() != self.dim + 2:
+            raise LayerPluginError(
+                f"{type(module).__name__} input of shape {tuple(x.shape)}: curvlib needs a "
+                f"batch dimension, (N, C, {', '.join('*' * self.dim)})"
+            )
+        x, padding = padded_input(module, x.to(v.dtype))
+        y = torch.convolution(x, v, None, list(module.stride), list(padding),
+                              list(module.dilation), False, [0] * self.dim, module.groups)
+        if y.shape != z.shape:
+            raise LayerPluginError(
+                f"{type(module).__name__}: the convolution gives an output of shape "
+                f"{tuple(y.shape)} but the output gradient has shape {tuple(z.shape)}; was the "
+                f"module's forward changed?"
+            )
+        n = y.shape[0]
+        return (y.reshape(n, -1) * z.to(v.dtype).reshape(n, -1)).sum(1)
 
     def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
         """``(N, O)``: the output gradient summed over pixels."""

@@ -6,7 +6,13 @@ For a module ``f(θ, x)`` with recorded inputs ``X`` and output gradients ``Z``:
   sample, vectorised over the batch with :func:`torch.func.vmap`;
 * the Gram: inner products of those gradients (nothing cheaper is known in general);
 * the weighted gradient ``Σ_n c_n g_n``: **one** VJP of the batched functional call with the
-  per-sample-scaled output gradient ``c⊙Z``, valid because the samples are independent.
+  per-sample-scaled output gradient ``c⊙Z``, valid because the samples are independent (with
+  ``params=``, a VJP with respect to those parameters only);
+* the per-sample inner products ``⟨g_n, v⟩ = z_nᵀ J_n v``: one JVP of the batched call in
+  the direction ``v`` (per asked parameter), then ``Σ z ⊙ (Jv)`` over each sample's output
+  entries — again valid because the samples are independent, and no per-sample gradient is
+  formed. Modules whose operations have no forward-mode derivative fall back to
+  materialising.
 
 Only the module's *own* parameters are differentiated; children with parameters of their
 own are handled by their own plugins. Modules whose samples interact are rejected: any
@@ -17,12 +23,12 @@ dropout in training mode, or hidden batch coupling) — :class:`SampleInteractio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from curvlib.capture import Call
 from curvlib.layers.base import LayerPlugin, LayerPluginError, trainable_parameters, work_dtype
@@ -147,28 +153,73 @@ class GenericPlugin(LayerPlugin):
                 total[k] = g if k not in total else total[k] + g
         return total
 
+    def _batched(self, module: nn.Module, call: Call, params: dict[str, nn.Parameter],
+                 wanted: Collection[str]
+                 ) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor], Tensor]:
+        """The batched call as a function of the ``wanted`` parameters (the other trainable
+        ones fixed), those parameters' values and ``Z``, all in the working dtype."""
+        dtype = work_dtype(call.grad_output, *params.values())  # c and v never promote
+        fixed = {k: v.detach().to(dtype) for k, v in params.items() if k not in wanted}
+        p = {k: v.detach().to(dtype) for k, v in params.items() if k in wanted}
+        args = tuple(_cast(a, dtype) for a in call.inputs)
+        kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
+
+        def f(q: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, {**fixed, **q}, args, kwargs)
+
+        return f, p, call.grad_output.to(dtype)
+
     def weighted_grads(
-        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
+        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor, *,
+        params: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
-        """``Σ_n c_n g_n`` as one VJP of the batched call with output gradient ``c⊙Z``."""
+        """``Σ_n c_n g_n`` as one VJP of the batched call with output gradient ``c⊙Z``
+        (with respect to the parameters in ``params`` only, when given)."""
         self.check_coefficients(module, calls, coefficients)
-        params = trainable_parameters(module)
-        if not params:
+        wanted = self.selected_parameters(module, params)
+        if not wanted:
             return {}
+        all_params = trainable_parameters(module)
         n = calls[0].batch_size
         total: dict[str, Tensor] = {}
         for call in calls:
-            dtype = work_dtype(call.grad_output, *params.values())  # c never promotes
-            p = {k: v.detach().to(dtype) for k, v in params.items()}
-            args = tuple(_cast(a, dtype) for a in call.inputs)
-            kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
-            z = call.grad_output.to(dtype)
-            c = coefficients.to(device=z.device, dtype=dtype)
+            f, p, z = self._batched(module, call, all_params, wanted)
+            c = coefficients.to(device=z.device, dtype=z.dtype)
             cz = z * c.reshape(n, *([1] * (z.dim() - 1)))
-            out, pull = vjp(lambda q, a=args, k=kwargs: functional_call(module, q, a, k), p)
+            out, pull = vjp(f, p)
             self._verify(module, call, out)
             for k, g in pull(cz)[0].items():
                 total[k] = g if k not in total else total[k] + g
+        return total
+
+    def row_dots(self, module: nn.Module, calls: Sequence[Call],
+                 vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``⟨g_n, v⟩ = z_nᵀ J_n v``: one JVP of the batched call in the direction ``v`` per
+        call and asked parameter (a JVP in several parameters at once would sum their
+        contributions), then ``Σ z ⊙ (Jv)`` over each sample's output entries.
+
+        The recomputed outputs are verified as in :meth:`weighted_grads`. A module with an
+        operation that has no forward-mode derivative (``NotImplementedError``) falls back to
+        the materialising default of :class:`LayerPlugin`.
+        """
+        wanted = self.check_vectors(module, calls, vectors)
+        if not wanted:
+            return {}
+        all_params = trainable_parameters(module)
+        n = calls[0].batch_size
+        total: dict[str, Tensor] = {}
+        try:
+            for call in calls:
+                for i, name in enumerate(wanted):
+                    f, p, z = self._batched(module, call, all_params, (name,))
+                    v = {name: vectors[name].to(device=z.device, dtype=z.dtype)}
+                    out, jv = jvp(f, (p,), (v,))
+                    if i == 0:
+                        self._verify(module, call, out)
+                    dots = (z.reshape(n, -1) * jv.reshape(n, -1)).sum(1)
+                    total[name] = dots if name not in total else total[name] + dots
+        except NotImplementedError:
+            return super().row_dots(module, calls, vectors)
         return total
 
 

@@ -5,13 +5,15 @@ position ``t`` whose contributions sum in the sample's gradient (a sequence, a s
 tokens): ``g_n = Σ_t z_{nt} x_{nt}ᵀ``. Several calls of one module in a forward pass add
 positions. The Gram uses FNGD's Khatri–Rao identity ``(ZZᵀ) ∗ (XXᵀ)`` (extended exactly to
 positions) or materialisation, whichever costs fewer multiply-adds (:mod:`._patch`); the
-weighted gradient is ``(c⊙Z)ᵀX``, one matrix product.
+weighted gradient is ``(c⊙Z)ᵀX``, one matrix product; the per-sample inner products
+``⟨g_n, V⟩ = Σ_t z_ntᵀ V x_nt`` (:meth:`PatchPlugin.row_dots`) are one contraction, about
+``N·T·O·D`` multiply-adds, without forming any ``g_n``.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +37,10 @@ class PatchPlugin(LayerPlugin):
     """Base of plugins for layers ``y[n,t,g] = W_g x[n,t,g] + b_g`` (Linear, convolutions).
 
     Subclasses implement :meth:`patches`, :meth:`weight_gradient` and
-    :meth:`bias_grad_per_sample`; everything else follows. ``gram_method`` is ``"auto"``
-    (the cheaper of contraction and materialisation), ``"contract"`` or ``"materialise"``.
+    :meth:`bias_grad_per_sample`; everything else follows (:meth:`weight_row_dots` has a
+    default from the patches that a subclass may replace by something cheaper).
+    ``gram_method`` is ``"auto"`` (the cheaper of contraction and materialisation),
+    ``"contract"`` or ``"materialise"``.
     """
 
     def __init__(self, gram_method: GramMethod = "auto"):
@@ -83,11 +87,16 @@ class PatchPlugin(LayerPlugin):
         return out
 
     def weighted_grads(
-        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
+        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor, *,
+        params: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
-        """``Σ_n c_n g_n``: the layer's own weight-gradient operation applied to ``c⊙Z``."""
+        """``Σ_n c_n g_n``: the layer's own weight-gradient operation applied to ``c⊙Z``.
+
+        With ``params`` only the named parts are computed (``{"bias"}`` skips the weight
+        gradient entirely, ``{"weight"}`` the bias sum).
+        """
         self.check_coefficients(module, calls, coefficients)
-        params = trainable_parameters(module)
+        params = self.selected_parameters(module, params)
         out: dict[str, Tensor] = {}
         for call in calls:
             dtype = work_dtype(call.input, call.grad_output)  # c never promotes
@@ -119,6 +128,47 @@ class PatchPlugin(LayerPlugin):
         if bias:
             b = c @ self.bias_grad_per_sample(module, z)
         return w, b
+
+    def row_dots(self, module: nn.Module, calls: Sequence[Call],
+                 vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``⟨g_n, v⟩`` per sample without per-sample gradients: the bias part is
+        ``⟨Σ_t z_nt, v_b⟩``, the weight part :meth:`weight_row_dots` (``Σ_t z_ntᵀ V x_nt``);
+        several calls add up."""
+        self.check_vectors(module, calls, vectors)
+        out: dict[str, Tensor] = {}
+        if not vectors:
+            return out
+        for call in calls:
+            dtype = work_dtype(call.input, call.grad_output)  # v never promotes
+            z = call.grad_output
+            parts = {}
+            if "weight" in vectors:
+                v = vectors["weight"].to(device=z.device, dtype=dtype)
+                parts["weight"] = self.weight_row_dots(module, call, v)
+            if "bias" in vectors:
+                v = vectors["bias"].to(device=z.device, dtype=dtype)
+                parts["bias"] = self.bias_grad_per_sample(module, z.to(dtype)) @ v
+            for name, value in parts.items():
+                out[name] = value if name not in out else out[name] + value
+        return out
+
+    def weight_row_dots(self, module: nn.Module, call: Call, v: Tensor) -> Tensor:
+        """``(N,)``: ``Σ_{t,g} z[n,t,g]ᵀ V_g x[n,t,g]`` for one call and a weight-shaped ``v``
+        (already in the working dtype).
+
+        The default contracts the patches with ``v``, about ``N·T·O·D`` multiply-adds: first
+        ``V x`` or ``zᵀ V``, whichever leaves the smaller ``(N, T, G, ·)`` intermediate, then
+        the inner products with the other side. The order is fixed so that the per-sample
+        gradient ``(N, G, O, D)`` is never formed (a flop-optimal planner may form it when it
+        is small). For Linear the patches are a reshape of the input; convolutions replace
+        this with one forward convolution with weight ``v``.
+        """
+        x, z = self.patches(module, call)
+        g, d, o = x.shape[2], x.shape[3], z.shape[3]
+        w = v.reshape(g, o, d)
+        if o <= d:
+            return _patch.contract("ntgo,ntgo->n", _patch.contract("god,ntgd->ntgo", w, x), z)
+        return _patch.contract("ntgd,ntgd->n", _patch.contract("ntgo,god->ntgd", z, w), x)
 
     @abc.abstractmethod
     def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:

@@ -7,7 +7,10 @@ sharing), records ``X`` with :class:`curvlib.capture.Capture`, sets random outpu
 * per-sample gradients with a reference computed one sample at a time with
   :func:`torch.autograd.grad` (a Python loop: no ``vmap``, no curvlib plugin code);
 * Gram ``UᵀU`` with the inner products of those reference gradients;
-* weighted gradient ``Σ_n c_n g_n`` (random ``c``) with the same sum of the references;
+* weighted gradient ``Σ_n c_n g_n`` (random ``c``) with the same sum of the references, for
+  all parameters and, with ``params=``, for a single one (exactly that name comes back);
+* per-sample inner products ``row_dots`` ``⟨g_n, v⟩`` (a random parameter-shaped ``v`` per
+  parameter) with the inner products of the references;
 * sum over samples with the module's ordinary batch gradient (autograd on the whole batch).
 
 All in float64 with a relative tolerance of ``1e-10`` by default (norm-wise, see
@@ -159,6 +162,25 @@ def check_layer_case(plugin: Any, case: LayerCase, seed: int = 0, *, rtol: float
             f"weighted gradient of {name} has shape {tuple(weighted[name].shape)}, the "
             f"parameter {tuple(params[name].shape)}")
         assert_close(weighted[name], expected, rtol=rtol, what=f"Σ c_n g_n of {name}")
+
+    names = list(params)
+    if names:
+        one = names[int(torch.randint(len(names), (1,), generator=gen))]
+        single = plugin.weighted_grads(module, calls, coefficients, params=[one])
+        assert set(single) == {one}, (
+            f"weighted gradients with params=[{one!r}] returned {sorted(single)}")
+        assert_close(single[one], weighted[one], rtol=rtol,
+                     what=f"Σ c_n g_n of {one} with params=[{one!r}]")
+
+    vectors = {name: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+               for name, p in params.items()}
+    dots = plugin.row_dots(module, calls, vectors)
+    assert set(dots) == set(params), f"row_dots for {sorted(dots)}, expected {sorted(params)}"
+    for name, v in vectors.items():
+        assert dots[name].shape == (n,), (
+            f"row_dots of {name} has shape {tuple(dots[name].shape)}, expected ({n},)")
+        expected = ref[name].reshape(n, -1) @ v.reshape(-1)
+        assert_close(dots[name], expected, rtol=rtol, what=f"⟨g_n, v⟩ (row_dots) of {name}")
 
 
 def check_layer_plugin(plugin: Any, cases: Any, *, max_examples: int | None = None,

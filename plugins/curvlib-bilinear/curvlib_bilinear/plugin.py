@@ -17,6 +17,8 @@ add positions too. With ``X1 (N, T, I1)``, ``X2 (N, T, I2)`` and the output grad
 * Gram by materialisation: the per-sample gradients, then their inner products;
 * weighted gradient ``Σ_n c_n g_n``: one contraction of ``c⊙Z`` with ``X1`` and ``X2``
   (what autograd's weight gradient would be for the output gradient ``c⊙Z``);
+* per-sample inner products ``⟨g_n, V⟩ = Σ_t Σ_{o,i,j} z[n,t,o] V[o,i,j] x1[n,t,i] x2[n,t,j]``
+  (bias: ``⟨Σ_t z_nt, v_b⟩``): one contraction, no per-sample gradient formed;
 * KFAC factors: the layer is linear in the feature ``x1 ⊗ x2``, so it gets Linear's factors
   with that feature as the input (and the bias folded in as its last coordinate).
 
@@ -26,7 +28,7 @@ takes the cheaper one (:func:`choose_gram_method`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
 import curvlib
@@ -98,6 +100,21 @@ def _call_inputs(module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
     if not isinstance(x2, Tensor):
         raise LayerPluginError(f"{name} was called without its second input (input2)")
     return x1, x2
+
+
+def _weight_row_dots(z: Tensor, v: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
+    """``(N,)``: ``Σ_t Σ_{o,i,j} z[n,t,o] V[o,i,j] x1[n,t,i] x2[n,t,j]``.
+
+    ``V`` is first contracted with the position vectors of its largest dimension (about
+    ``N·T·O·I1·I2`` multiply-adds, the smallest ``(N, T, ·, ·)`` intermediate), then the
+    rest; the order is fixed so that no per-sample ``(N, O, I1, I2)`` gradient is formed.
+    """
+    o, i1, i2 = v.shape
+    if o >= max(i1, i2):
+        return contract("ntij,nti,ntj->n", contract("nto,oij->ntij", z, v), x1, x2)
+    if i1 >= i2:
+        return contract("ntoj,nto,ntj->n", contract("nti,oij->ntoj", x1, v), z, x2)
+    return contract("ntoi,nto,nti->n", contract("ntj,oij->ntoi", x2, v), z, x1)
 
 
 @curvlib.register("layer", "bilinear")
@@ -199,11 +216,15 @@ class BilinearPlugin(LayerPlugin):
         return k.sum((1, 3))
 
     def weighted_grads(
-        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor
+        self, module: nn.Module, calls: Sequence[Call], coefficients: Tensor, *,
+        params: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
-        """``Σ_n c_n g_n``: per call, one contraction of ``c⊙Z`` with ``X1`` and ``X2``."""
+        """``Σ_n c_n g_n``: per call, one contraction of ``c⊙Z`` with ``X1`` and ``X2``
+        (only the parameters named in ``params``, when given)."""
         self.check_coefficients(module, calls, coefficients)
-        params = trainable_parameters(module)
+        params = self.selected_parameters(module, params)
+        if not params:
+            return {}
         n = calls[0].batch_size
         out: dict[str, Tensor] = {}
         for call in calls:
@@ -215,6 +236,27 @@ class BilinearPlugin(LayerPlugin):
                 parts["weight"] = contract("nto,nti,ntj->oij", cz, x1, x2)
             if "bias" in params:
                 parts["bias"] = cz.sum((0, 1))
+            for name, value in parts.items():
+                out[name] = value if name not in out else out[name] + value
+        return out
+
+    def row_dots(self, module: nn.Module, calls: Sequence[Call],
+                 vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``⟨g_n, v⟩`` per sample by contraction: ``Σ_t Σ_{o,i,j} z_nto V_oij x1_nti x2_ntj``
+        for the weight, ``⟨Σ_t z_nt, v_b⟩`` for the bias; calls add up."""
+        self.check_vectors(module, calls, vectors)
+        out: dict[str, Tensor] = {}
+        if not vectors:
+            return out
+        for call in calls:
+            dtype = work_dtype(*_call_inputs(module, call), call.grad_output)  # v never promotes
+            x1, x2, z = self._operands(module, call, dtype)
+            parts = {}
+            if "weight" in vectors:
+                v = vectors["weight"].to(device=z.device, dtype=dtype)
+                parts["weight"] = _weight_row_dots(z, v, x1, x2)
+            if "bias" in vectors:
+                parts["bias"] = z.sum(1) @ vectors["bias"].to(device=z.device, dtype=dtype)
             for name, value in parts.items():
                 out[name] = value if name not in out else out[name] + value
         return out
