@@ -8,8 +8,9 @@ Public entry points:
   :class:`Gaussian` (:mod:`curvlib.likelihoods`);
 * :func:`per_sample_grads` and :func:`gram` — per-sample quantities by parameter name, through
   the curvature sources (:mod:`curvlib.sources`) and layer plugins (:mod:`curvlib.layers`);
-* :func:`assemble` and the recipe :func:`TNT` — optimizers from a source, a structure and a
-  solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`, :mod:`curvlib.solvers`);
+* :func:`assemble` and the recipes :func:`TNT` and :func:`FNGD` — optimizers from a source,
+  a structure and a solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`,
+  :mod:`curvlib.solvers`);
 * :class:`Capture` — record layer inputs and output gradients (:mod:`curvlib.capture`);
 * :mod:`curvlib.testing` — dense float64 oracles, hypothesis strategies and assertions.
 """
@@ -18,13 +19,14 @@ from curvlib import damping, layers, solvers, structures
 from curvlib.capture import Capture
 from curvlib.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, as_likelihood
 from curvlib.optim import CurvatureOptimizer, assemble
-from curvlib.recipes import TNT
+from curvlib.recipes import FNGD, TNT
 from curvlib.registry import KINDS, available, get, register
 from curvlib.sources import Statistics, gram, per_sample_grads
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FNGD",
     "KINDS",
     "TNT",
     "Bernoulli",

@@ -276,8 +276,8 @@ class Capture:
         ]
 
     def backward_to_outputs(
-        self, scalar: Tensor, *, retain_graph: bool = False
-    ) -> None:
+        self, scalar: Tensor, *, retain_graph: bool = False, also: tuple[Tensor, ...] = ()
+    ) -> list[Tensor | None]:
         """Differentiate ``scalar`` down to the recorded outputs and record every ``Z``.
 
         No parameter gradient is computed or accumulated. Calls whose output does not
@@ -285,6 +285,10 @@ class Capture:
         recorded output, the gradient is taken with respect to the parameters instead (the
         output hooks still see the right ``Z``), which costs the parameter gradients but
         keeps the result exact.
+
+        ``also``: further tensors (e.g. parameters of unrecorded modules) whose gradients
+        are computed in the same pass and returned, in order (``None`` where unused);
+        nothing is accumulated into ``.grad``.
         """
         if scalar.dim() != 0:
             raise ValueError(
@@ -313,10 +317,13 @@ class Capture:
                         targets.append(p)
         else:
             targets = [c.output for c in calls]
-        torch.autograd.grad(scalar, targets, retain_graph=retain_graph, allow_unused=True)
+        extra = list(also)
+        grads = torch.autograd.grad(scalar, targets + extra, retain_graph=retain_graph,
+                                    allow_unused=True)
         for c in calls:
             if c.grad_output is None:
                 c.grad_output = torch.zeros_like(c.output).detach()
+        return list(grads[len(targets):])
 
     def release_outputs(self) -> None:
         """Drop the references to the outputs ``Y`` (frees the graph once nothing else holds it)."""

@@ -42,8 +42,8 @@ from curvlib.capture import Capture
 from curvlib.damping import Damping, as_damping
 from curvlib.likelihoods import Likelihood, as_likelihood
 from curvlib.solvers import Solver, as_solver
-from curvlib.sources import Source, Statistics, as_source
-from curvlib.structures.base import Structure, as_structure
+from curvlib.sources import Source, Statistics, as_source, data_pass
+from curvlib.structures.base import BatchContext, Structure, as_structure
 
 __all__ = ["CompatibilityError", "CurvatureOptimizer", "assemble"]
 
@@ -107,11 +107,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         if not solver.supports(1.0):
             raise CompatibilityError(f"solver {solver!r} cannot compute inverses (power 1)")
+        structure.check_source(source)
         self._names = {id(p): n for n, p in model.named_parameters()}
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) not in self._names:
                     raise ValueError("every optimized parameter must belong to the model")
+        self._owner_names: dict[int, str] = {}
+        owner_modules: dict[str, nn.Module] = {}
+        for mname, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in self._owner_names:
+                    self._owner_names[id(p)] = mname
+                    owner_modules.setdefault(mname, module)
+        self._batch = structure.preconditions == "batch"
+        #: State of batch structures (e.g. stored coefficients), saved in ``state_dict``.
+        self.structure_state: dict[str, Any] = {}
+        self._prepared = False
         device = next(model.parameters()).device
         if generator is None:
             seed = int(torch.randint(2**62, (), dtype=torch.int64).item())
@@ -121,7 +133,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._pending: Statistics | None = None
         self.last_refresh: dict[str, int] = {}
         self._capture: Capture | None = None
-        if source.needs_capture:
+        if self._batch:
+            self._covered: dict[str, nn.Parameter] = {}
+            self._plain: list[nn.Parameter] = []
+            self._group_of: dict[str, dict] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if not p.requires_grad:
+                        continue
+                    owner = owner_modules[self._owner_names[id(p)]]
+                    if structure.covers(p, owner):
+                        self._covered[self._names[id(p)]] = p
+                        self._group_of[self._names[id(p)]] = group
+                    else:
+                        self._plain.append(p)
+            order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+            self._covered = dict(sorted(self._covered.items(), key=lambda kv: order[kv[0]]))
+            watched = {self._owner_names[id(p)] for p in self._covered.values()}
+            self._capture = Capture({m: owner_modules[m] for m in owner_modules if m in watched},
+                                    clear_on_call_of=model)
+            self._capture.start()
+        elif source.needs_capture:
             self._capture = Capture(model, clear_on_call_of=model)
             self._capture.start()
             self._capture.set_recording(self._stats_due())
@@ -139,11 +171,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- the two calls of the training loop -----------------------------------------------------
 
-    def backward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def backward(self, outputs: Tensor, targets: Tensor, *, key: Any = None,
+                 sample_ids: Tensor | None = None) -> Tensor:
         """Mean loss with the likelihood, the source's statistics when due, then backward.
+
+        With a vector structure (TNT…) this is the ordinary backward pass plus the source's
+        passes. With a batch structure (``smw``, ``coefficient_sharing``) it computes the
+        preconditioned gradient and adds it to ``.grad`` of the covered parameters (and the
+        plain mean gradient to the others); :meth:`step` then applies momentum and weight
+        decay. ``key`` and ``sample_ids`` are for ``coefficient_sharing`` (see its docs).
 
         Returns the (detached) mean loss.
         """
+        if self._batch:
+            return self._batch_backward(outputs, targets, key, sample_ids)
+        if key is not None or sample_ids is not None:
+            raise TypeError(
+                f"key= and sample_ids= are used by batch structures (coefficient_sharing); "
+                f"{self.structure!r} does not use them"
+            )
         loss = self.likelihood.mean_loss(outputs, targets)
         if self._stats_due():
             self._pending = self.source.collect(
@@ -153,6 +199,72 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.release_outputs()
         return loss.detach()
+
+    def _batch_backward(self, outputs: Tensor, targets: Tensor, key: Any,
+                        sample_ids: Tensor | None) -> Tensor:
+        if targets is None:
+            raise ValueError(f"{self.structure!r} preconditions the data's gradient: pass the "
+                             f"batch's targets to opt.backward(outputs, targets)")
+        capture = self._capture
+        assert capture is not None
+        losses = self.likelihood.loss(outputs, targets)
+        n = int(losses.shape[0])
+        context = BatchContext(
+            step=self._step_count, batch_size=n, key=key, sample_ids=sample_ids,
+            params=self._covered,
+            owners={name: self._owner_names[id(p)] for name, p in self._covered.items()},
+            damping={name: float(g["damping"]) for name, g in self._group_of.items()},
+            damping_rule=self.damping_rule, solver=self.solver, store=self.structure_state)
+        try:
+            directions, plain = self._precondition(context, outputs, targets, losses)
+        finally:
+            capture.release_outputs()
+            capture.clear()
+        with torch.no_grad():
+            for name, d in directions.items():
+                _accumulate(self._covered[name], d)
+            for p, g in zip(self._plain, plain, strict=True):
+                if g is not None:
+                    _accumulate(p, g / n)
+        self.structure.commit(context)
+        self.last_refresh = dict(context.report)
+        if context.report.get("skipped"):
+            warnings.warn(
+                f"{context.report['skipped']} block(s) had per-sample statistics that were not "
+                f"finite or could not be solved even in float64 with raised damping; they do "
+                f"not move this step", RuntimeWarning, stacklevel=3)
+        self._prepared = True
+        return losses.detach().mean()
+
+    def _precondition(self, context: BatchContext, outputs: Tensor, targets: Tensor,
+                      losses: Tensor) -> tuple[dict[str, Tensor], list[Tensor | None]]:
+        """The covered parameters' directions and the plain parameters' summed gradients."""
+        if not self._covered:
+            grads = torch.autograd.grad(losses.sum(), self._plain, allow_unused=True)
+            return {}, list(grads)
+        plan = self.structure.plan(context)
+        if plan.loss_weights is not None:
+            covered = list(self._covered.values())
+            c = plan.loss_weights.to(device=losses.device, dtype=losses.dtype)
+            weighted = torch.autograd.grad((losses * c).sum(), covered,
+                                           retain_graph=bool(self._plain), allow_unused=True)
+            plain: list[Tensor | None] = []
+            if self._plain:
+                plain = list(torch.autograd.grad(losses.sum(), self._plain, allow_unused=True))
+            directions = {name: torch.zeros_like(p) if g is None else g
+                          for (name, p), g in zip(self._covered.items(), weighted, strict=True)}
+            return directions, plain
+        curvature = None
+        shares = plan.curvature and self.source.shares_data_pass
+        if plan.curvature and not shares:
+            curvature = self.source.collect(self.model, self.likelihood, outputs, targets,
+                                            capture=self._capture, generator=self.generator)
+        data, plain = data_pass(self.model, self.likelihood, outputs, targets, self._capture,
+                                losses=losses, also=tuple(self._plain), parameters=self._covered)
+        if shares:
+            curvature = self.source.from_data_pass(data)
+        directions = self.structure.gradient(context, data, curvature)
+        return directions, plain
 
     def _items(self, group: dict) -> list[tuple[str, nn.Parameter, dict]]:
         items = []
@@ -176,9 +288,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self._step_count
+        if self._batch:
+            if not self._prepared:
+                raise RuntimeError(
+                    f"{self.structure!r} preconditions the gradient inside opt.backward("
+                    f"outputs, targets): call it instead of loss.backward() before each step"
+                )
+            self._prepared = False
         stats, self._pending = self._pending, None
         for group in self.param_groups:
-            items = self._items(group)
+            items = [] if self._batch else self._items(group)
             updated = False
             if stats is not None and t % int(group["stat_every"]) == 0 and items:
                 self.structure.update(items, stats, ema=float(group["ema"]))
@@ -196,24 +315,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         RuntimeWarning, stacklevel=2)
             covered = {id(p) for _, p, _ in items}
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            params, grads, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = p.grad.detach().clone()
+                    state["momentum_buffer"] = p.grad.detach().clone()
                 else:
-                    buf.mul_(mu).add_(p.grad)
-                covered_p = id(p) in covered
-                direction = self.structure.direction(p, state, buf) if covered_p else buf
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(direction, alpha=-lr)
+                    grads.append(p.grad)
+                    bufs.append(buf)
+                params.append(p)
+            if bufs:  # m ← μ m + g, as multi-tensor ops (one kernel per op on GPU)
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+            if not params:
+                continue
+            directions = [
+                self.structure.direction(p, self.state[p], self.state[p]["momentum_buffer"])
+                if id(p) in covered else self.state[p]["momentum_buffer"] for p in params]
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, directions, alpha=-lr)
         self._step_count += 1
         if self._capture is not None:
             self._capture.clear()
-            self._capture.set_recording(self._stats_due())
+            self._capture.set_recording(self._batch or self._stats_due())
         return loss
 
     # -- warm start ----------------------------------------------------------------------------
@@ -226,6 +354,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         structure averages them. Then the inverses are computed. Returns the number of
         batches used.
         """
+        if self._batch:
+            raise TypeError(
+                f"warm_start averages running statistics; {self.structure!r} keeps none (it "
+                f"preconditions each batch from that batch's statistics)"
+            )
         count = 0
         if self._capture is not None:
             self._capture.set_recording(True)
@@ -258,7 +391,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus the step count and the generator state."""
         sd = super().state_dict()
-        sd["curvlib"] = {"step": self._step_count, "generator": self.generator.get_state()}
+        sd["curvlib"] = {"step": self._step_count, "generator": self.generator.get_state(),
+                         "structure": self.structure_state}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,8 +414,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if extra is not None:
             self._step_count = int(extra["step"])
             self.generator.set_state(extra["generator"])
+            self.structure_state = _copy_tree(extra.get("structure", {}))
         if self._capture is not None:
-            self._capture.set_recording(self._stats_due())
+            self._capture.set_recording(self._batch or self._stats_due())
 
     def __del__(self) -> None:
         capture = getattr(self, "_capture", None)
@@ -298,6 +433,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return (f"{type(self).__name__}(source={self.source!r}, structure={self.structure!r}, "
                 f"solver={self.solver!r}, damping={self.damping_rule!r}, "
                 f"groups={len(self.param_groups)})")
+
+
+def _accumulate(p: nn.Parameter, g: Tensor) -> None:
+    """Add ``g`` to ``p.grad`` in the parameter's dtype (as autograd would)."""
+    g = g.detach().to(dtype=p.dtype, device=p.device)
+    if p.grad is None:
+        p.grad = g.clone() if g.data_ptr() == p.data_ptr() else g.contiguous()
+    else:
+        p.grad.add_(g)
+
+
+def _copy_tree(value: Any) -> Any:
+    """A copy of nested dicts/lists with every tensor copied bit for bit (dtype and device
+    kept)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copy_tree(v) for v in value)
+    return value
 
 
 def _providers(needs: frozenset[str]) -> str:
@@ -339,7 +495,7 @@ def assemble(
     source: Any,
     structure: Any,
     solver: Any = "cholesky",
-    damping_rule: Any = "constant",
+    damping_rule: Any = None,
     params: Iterable[Any] | None = None,
     generator: torch.Generator | None = None,
     **hyper: Any,
@@ -350,7 +506,9 @@ def assemble(
         model: the model; its trainable parameters are optimized unless ``params`` is given
             (a list of parameters or of param-group dicts, as for any torch optimizer).
         likelihood: a registered likelihood name or object.
-        source, structure, solver, damping_rule: components (see ``curvlib.available()``).
+        source, structure, solver, damping_rule: components (see ``curvlib.available()``);
+            ``damping_rule`` defaults to the structure's (``constant`` for TNT,
+            ``frobenius`` — ``λ = α‖UᵀU‖_F`` — for ``smw``).
         generator: the :class:`torch.Generator` sampled targets come from (default: one
             seeded from torch's global generator).
         hyper: ``lr``, ``damping``, ``momentum``, ``weight_decay``, ``ema``, ``stat_every``,
@@ -359,7 +517,10 @@ def assemble(
     Raises:
         CompatibilityError: the structure needs statistics the source does not provide.
     """
+    structure = as_structure(structure)
+    if damping_rule is None:
+        damping_rule = structure.default_damping
     return CurvatureOptimizer(
-        model, likelihood, source=as_source(source), structure=as_structure(structure),
+        model, likelihood, source=as_source(source), structure=structure,
         solver=as_solver(solver), damping_rule=as_damping(damping_rule), params=params,
         generator=generator, **hyper)

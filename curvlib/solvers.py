@@ -39,9 +39,11 @@ __all__ = [
     "Eigh",
     "InverseResult",
     "Newton",
+    "SolveResult",
     "Solver",
     "as_solver",
     "robust_inverse",
+    "robust_solve",
 ]
 
 
@@ -64,6 +66,17 @@ class Solver(abc.ABC):
         ``ok`` (``(B,)`` bool) is false where the factorisation failed; those entries of the
         result are unspecified.
         """
+
+    def solve(self, matrices: Tensor, damping: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        """``((A + εI)^{-1} b, ok)`` for ``matrices (B, d, d)``, ``damping (B,)`` and
+        ``rhs (B, d)``.
+
+        The default multiplies by :meth:`inverse_root` with power 1; solvers with a cheaper
+        solve (Cholesky) override it.
+        """
+        inverse, ok = self.inverse_root(matrices, damping, 1.0)
+        solution = (inverse @ rhs.unsqueeze(-1)).squeeze(-1)
+        return solution, ok & _finite(solution)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -102,6 +115,16 @@ class Cholesky(Solver):
             factor = torch.where(failed.reshape(-1, 1, 1), eye, factor)
         inverse = torch.cholesky_inverse(factor)
         return inverse, ~failed & _finite(inverse)
+
+    def solve(self, matrices, damping, rhs):
+        """One Cholesky factorisation and two triangular solves (no inverse is formed)."""
+        factor, info = torch.linalg.cholesky_ex(_damped(matrices, damping))
+        failed = info != 0
+        if failed.any():
+            eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+            factor = torch.where(failed.reshape(-1, 1, 1), eye, factor)
+        solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+        return solution, ~failed & _finite(solution)
 
 
 @register("solver", "eigh")
@@ -276,3 +299,66 @@ def robust_inverse(solver: Solver, matrices: Tensor, damping: Tensor | float,
             scale = damping[idx].clamp_min(torch.finfo(torch.float64).tiny).pow(-1.0 / power)
             result[idx] = eye * scale.to(dtype).reshape(-1, 1, 1)
     return InverseResult(result, first_ok, ok & ~first_ok, kept, damping)
+
+
+@dataclass
+class SolveResult:
+    """What :func:`robust_solve` did.
+
+    Attributes:
+        solution: ``(B, d)``; zero where ``failed``.
+        ok: ``(B,)`` the first attempt succeeded.
+        recovered: ``(B,)`` a retry (float64 or raised damping) succeeded.
+        failed: ``(B,)`` the system was not finite, or every attempt failed.
+        damping: ``(B,)`` the damping finally used.
+    """
+
+    solution: Tensor
+    ok: Tensor
+    recovered: Tensor
+    failed: Tensor
+    damping: Tensor
+
+
+def robust_solve(solver: Solver, matrices: Tensor, damping: Tensor | float, rhs: Tensor,
+                 retries: int = 3) -> SolveResult:
+    """``(A + εI)^{-1} b`` per matrix with the recovery policy of the module docstring.
+
+    Systems with non-finite entries are not solved; a failed solve is retried in float64,
+    then with the damping multiplied by 10 up to ``retries`` times. What still fails is
+    reported in ``failed`` with a zero solution: the caller decides what a failed block does
+    (``smw`` skips its step).
+    """
+    b = matrices.shape[0]
+    damping = torch.as_tensor(damping, dtype=torch.float64, device=matrices.device)
+    damping = damping.expand(b).clone() if damping.dim() == 0 else damping.clone()
+    dtype = torch.promote_types(matrices.dtype, rhs.dtype)
+    finite = _finite(matrices) & _finite(rhs)
+    result = torch.zeros(rhs.shape, dtype=dtype, device=rhs.device)
+    ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
+    if bool(finite.all()):
+        x, good = solver.solve(matrices.to(dtype), damping, rhs.to(dtype))
+        if bool(good.all()):
+            none = torch.zeros_like(good)
+            return SolveResult(x, good, none, none, damping)
+        result = torch.where(good.reshape(-1, 1), x, result)
+        ok = good.clone()
+    elif finite.any():
+        idx = finite.nonzero().flatten()
+        x, good = solver.solve(matrices[idx].to(dtype), damping[idx], rhs[idx].to(dtype))
+        result[idx[good]] = x[good]
+        ok[idx[good]] = True
+    first_ok = ok.clone()
+    pending = finite & ~ok
+    attempt, factor = 0, 1.0
+    while pending.any() and attempt <= retries:
+        idx = pending.nonzero().flatten()
+        x, good = solver.solve(matrices[idx].double(), damping[idx] * factor, rhs[idx].double())
+        done = idx[good]
+        result[done] = x[good].to(dtype)
+        damping[done] = damping[done] * factor
+        ok[done] = True
+        pending = finite & ~ok
+        attempt += 1
+        factor *= 10.0
+    return SolveResult(result, first_ok, ok & ~first_ok, ~ok, damping)

@@ -19,7 +19,10 @@ demand from what the source recorded and cached:
 * :meth:`Statistics.per_sample_grads` — ``(S·N, *shape)``: rows ordered draw-major
   (``row = s·N + n``), each ``g_{n,s}`` not divided by ``N``;
 * :meth:`Statistics.gram` — ``(S·N, S·N)`` per parameter, ``UᵀU`` of those rows;
-* :meth:`Statistics.weighted_grads` — ``Σ_r c_r g_r`` for coefficients over the rows;
+* :meth:`Statistics.weighted_grads` — ``Σ_r c_r g_r`` for coefficients over the rows (one
+  vector for every parameter, or one per parameter);
+* :meth:`Statistics.row_dots` — ``⟨g_r, v⟩`` for every row and a parameter-shaped ``v``
+  (``Uᵀv``);
 * :meth:`Statistics.kfac_factors` — per layer (module name).
 
 With these rows, ``(1/(S·N)) Σ_r g_r g_rᵀ`` is the MC Fisher (sampled) or the empirical
@@ -53,13 +56,14 @@ __all__ = [
     "Statistics",
     "TrueFisher",
     "as_source",
+    "data_pass",
     "gram",
     "per_sample_grads",
 ]
 
 #: Names of the quantities a source can provide (``Source.provides``).
 PROVIDES: tuple[str, ...] = (
-    "batch_grads", "per_sample_grads", "gram", "weighted_grads", "kfac_factors"
+    "batch_grads", "per_sample_grads", "gram", "weighted_grads", "row_dots", "kfac_factors"
 )
 
 
@@ -191,29 +195,112 @@ class Statistics:
                     out[name] = g if name not in out else out[name] + g
         return self._complete(out, lambda s: (self.rows, *s), only=names)
 
-    def weighted_grads(self, coefficients: Tensor) -> dict[str, Tensor]:
+    @property
+    def layers(self) -> dict[str, tuple[str, ...]]:
+        """Module name → the names of the parameters it owns, in model order.
+
+        A parameter owned by several modules (tied weights) is listed under the first.
+        """
+        out: dict[str, tuple[str, ...]] = {}
+        seen: set[str] = set()
+        for layer in self._layers:
+            names = tuple(n for n in layer.params.values() if n not in seen and n in self.shapes)
+            seen.update(names)
+            if names:
+                out[layer.name] = names
+        return out
+
+    def _coefficients_for(self, coefficients: Tensor | dict[str, Tensor],
+                          names: set[str]) -> dict[str, Tensor]:
+        """One coefficient vector per parameter name in ``names``, each checked."""
+        if isinstance(coefficients, Tensor):
+            if coefficients.dim() != 1 or coefficients.shape[0] != self.rows:
+                raise ValueError(
+                    f"coefficients must have shape ({self.rows},) (S·N rows), got "
+                    f"{tuple(coefficients.shape)}"
+                )
+            return {name: coefficients for name in names}
+        else:
+            missing = names - set(coefficients)
+            if missing:
+                raise ValueError(f"no coefficients given for {sorted(missing)}")
+            per = {name: coefficients[name] for name in names}
+        for name, c in per.items():
+            if c.dim() != 1 or c.shape[0] != self.rows:
+                raise ValueError(
+                    f"coefficients for {name!r} must have shape ({self.rows},) (S·N rows), "
+                    f"got {tuple(c.shape)}"
+                )
+        return per
+
+    def weighted_grads(self, coefficients: Tensor | dict[str, Tensor],
+                       names: Any = None) -> dict[str, Tensor]:
         """Parameter name → ``Σ_r c_r g_r`` for coefficients ``(S·N,)`` over the rows.
 
-        Registered layers never materialise per-sample gradients for this (Linear:
-        ``(c⊙Z)ᵀX``; convolution: its weight gradient of ``c⊙Z``).
+        ``coefficients`` is one vector for every parameter, or a dict parameter name →
+        vector (e.g. one per block). ``names`` restricts the result to those parameters
+        (default: all covered; with a dict, its keys). Registered layers never materialise
+        per-sample gradients for this (Linear: ``(c⊙Z)ᵀX``; convolution: its weight
+        gradient of ``c⊙Z``); a layer asked for part of its parameters computes only those.
         """
         self._need("weighted_grads")
-        if coefficients.dim() != 1 or coefficients.shape[0] != self.rows:
-            raise ValueError(
-                f"coefficients must have shape ({self.rows},) (S·N rows), got "
-                f"{tuple(coefficients.shape)}"
-            )
+        if names is None:
+            wanted = set(coefficients) if isinstance(coefficients, dict) else set(self.shapes)
+        else:
+            wanted = set(names)
+        unknown = wanted - set(self.shapes)
+        if unknown:
+            raise ValueError(f"no statistics for parameter(s) {sorted(unknown)}")
+        per = self._coefficients_for(coefficients, wanted)
         out: dict[str, Tensor] = {}
         with self._quiet():
             for layer in self._layers:
                 if not layer.calls:
                     continue
-                c = coefficients.to(layer.calls[0].grad_output.device)
-                for local, g in layer.plugin.weighted_grads(layer.module, layer.calls,
-                                                            c).items():
-                    name = layer.params[local]
-                    out[name] = g if name not in out else out[name] + g
-        return self._complete(out, lambda s: tuple(s))
+                local = {loc: name for loc, name in layer.params.items() if name in wanted}
+                if not local:
+                    continue
+                # one plugin call per distinct coefficient vector (one call when shared)
+                by_vector: dict[int, list[str]] = {}
+                for loc, name in local.items():
+                    by_vector.setdefault(id(per[name]), []).append(loc)
+                for locs in by_vector.values():
+                    c = per[local[locs[0]]].to(layer.calls[0].grad_output.device)
+                    subset = None if len(locs) == len(layer.params) else locs
+                    if subset is None:
+                        grads = layer.plugin.weighted_grads(layer.module, layer.calls, c)
+                    else:
+                        grads = layer.plugin.weighted_grads(layer.module, layer.calls, c,
+                                                            params=subset)
+                    for loc in locs:
+                        name, g = layer.params[loc], grads[loc]
+                        out[name] = g if name not in out else out[name] + g
+        return self._complete(out, lambda s: tuple(s), only=wanted)
+
+    def row_dots(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameter name → ``(S·N,)``: ``⟨g_r, v⟩`` for each row ``r`` (``Uᵀv``).
+
+        ``vectors`` maps parameter names to parameter-shaped tensors ``v``. Registered
+        layers never materialise per-sample gradients for this (Linear:
+        ``Σ_t z_tᵀ V x_t``; convolution: one forward convolution with weight ``V``).
+        """
+        self._need("row_dots")
+        unknown = set(vectors) - set(self.shapes)
+        if unknown:
+            raise ValueError(f"no statistics for parameter(s) {sorted(unknown)}")
+        out: dict[str, Tensor] = {}
+        with self._quiet():
+            for layer in self._layers:
+                if not layer.calls:
+                    continue
+                local = {loc: vectors[name] for loc, name in layer.params.items()
+                         if name in vectors}
+                if not local:
+                    continue
+                for loc, d in layer.plugin.row_dots(layer.module, layer.calls, local).items():
+                    name = layer.params[loc]
+                    out[name] = d if name not in out else out[name] + d
+        return self._complete(out, lambda s: (self.rows,), only=set(vectors))
 
     def batch_grads(self) -> dict[str, Tensor]:
         """Parameter name → ``(S, *shape)``: each draw's gradient of the mean loss."""
@@ -347,6 +434,21 @@ class Source(abc.ABC):
     ) -> Statistics:
         """Statistics of one batch (see the class docstring)."""
 
+    @property
+    def shares_data_pass(self) -> bool:
+        """Whether :meth:`from_data_pass` gives this source's statistics (default: no)."""
+        return False
+
+    def from_data_pass(self, data: Statistics) -> Statistics | None:
+        """This source's statistics taken from the optimizer's data pass, if they are there.
+
+        Structures that precondition per batch (``smw``) run one backward pass of the data
+        loss to the layer outputs anyway (:func:`data_pass`); a source whose statistics are
+        exactly those rows (data targets) returns them here, so no second pass is made.
+        Default: ``None`` (the optimizer calls :meth:`collect`).
+        """
+        return None
+
 
 def _trainable_names(model: nn.Module) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
@@ -439,25 +541,100 @@ class _OutputGradientSource(Source):
                 capture.backward_to_outputs(lik.loss(outputs, y).sum(), retain_graph=True)
                 for module, calls in capture.calls.items():
                     grads[module].append([c.grad_output for c in calls])
-        index = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        layers = []
-        for module, calls in capture.calls.items():
-            local = trainable_parameters(module)
-            params = {k: index[id(p)] for k, p in local.items() if id(p) in index}
-            if not params:
-                continue
-            stacked = _stack_calls(calls, grads[module]) if calls else []
-            layers.append(_Layer(capture.names[module], module, plugin_for(module),
-                                 stacked, params))
-        covered = {n for layer in layers for n in layer.params.values()}
-        shapes = {n: s for n, s in _trainable_names(model).items() if n in covered}
         loss = None
         if targets is not None:
             with torch.no_grad():
                 loss = lik.mean_loss(outputs.detach(), targets)
-        return Statistics(self.name, int(outputs.shape[0]), len(draws),
-                          self.targets == "sampled", self.provides, loss, shapes,
+        return _statistics(self.name, model, capture, grads, draws, self.targets == "sampled",
+                           self.provides, int(outputs.shape[0]), loss)
+
+    @property
+    def shares_data_pass(self) -> bool:
+        """With data targets the optimizer's data pass holds exactly these rows."""
+        return self.targets == "data"
+
+    def from_data_pass(self, data: Statistics) -> Statistics | None:
+        """With data targets, the optimizer's own data pass already holds these statistics."""
+        if self.targets != "data":
+            return None
+        return _relabel(data, self.name, self.provides)
+
+
+def _statistics(name: str, model: nn.Module, capture: Capture,
+                grads: dict[nn.Module, list[list[Tensor]]], draws: list[Tensor], sampled: bool,
+                provides: frozenset[str], batch_size: int, loss: Tensor | None,
+                parameters: dict[str, Tensor] | None = None) -> Statistics:
+    """Statistics from the calls a capture recorded and the output gradients of each draw.
+
+    ``parameters`` (name → parameter, model order) limits them to those parameters and
+    spares walking the model (the optimizer passes the ones it covers, every step).
+    """
+    if parameters is not None:
+        index = {id(p): n for n, p in parameters.items()}
+        layers = []
+        for module, calls in capture.calls.items():
+            params = {k: index[id(p)] for k, p in module._parameters.items()
+                      if p is not None and id(p) in index}
+            if params:
+                stacked = _stack_calls(calls, grads[module]) if calls else []
+                layers.append(_Layer(capture.names[module], module, plugin_for(module),
+                                     stacked, params))
+        covered = {n for layer in layers for n in layer.params.values()}
+        shapes = {n: p.shape for n, p in parameters.items() if n in covered}
+        return Statistics(name, batch_size, len(draws), sampled, provides, loss, shapes,
                           list(draws), layers, _capture=capture)
+    index = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    layers = []
+    for module, calls in capture.calls.items():
+        local = trainable_parameters(module)
+        params = {k: index[id(p)] for k, p in local.items() if id(p) in index}
+        if not params:
+            continue
+        stacked = _stack_calls(calls, grads[module]) if calls else []
+        layers.append(_Layer(capture.names[module], module, plugin_for(module), stacked, params))
+    covered = {n for layer in layers for n in layer.params.values()}
+    shapes = {n: s for n, s in _trainable_names(model).items() if n in covered}
+    return Statistics(name, batch_size, len(draws), sampled, provides, loss, shapes,
+                      list(draws), layers, _capture=capture)
+
+
+def _relabel(data: Statistics, name: str, provides: frozenset[str]) -> Statistics:
+    """The same rows under another source's name and offer (caches shared from then on)."""
+    out = Statistics(name, data.batch_size, data.num_samples, data.sampled, provides,
+                     data.loss, data.shapes, data.targets, data._layers, _capture=data._capture)
+    out._gram, out._per_sample = data._gram, data._per_sample
+    return out
+
+
+#: What the statistics of :func:`data_pass` offer.
+DATA_PASS_PROVIDES = frozenset({"per_sample_grads", "gram", "weighted_grads", "row_dots"})
+
+
+def data_pass(model: nn.Module, likelihood: Any, outputs: Tensor, targets: Tensor,
+              capture: Capture, *, losses: Tensor | None = None,
+              also: tuple[Tensor, ...] = (), parameters: dict[str, Tensor] | None = None
+              ) -> tuple[Statistics, list[Tensor | None]]:
+    """One backward pass of the summed data loss to the recorded layer outputs.
+
+    This is the ordinary backward pass of training, stopped at the layer outputs (FNGD,
+    Section IV-C): no parameter gradient of a recorded layer is formed. ``also`` are
+    tensors (parameters outside the recorded layers) whose gradients of ``Σ_n ℓ_n`` are
+    computed in the same pass and returned (``None`` where unused). ``losses`` are the
+    per-sample losses if already computed; ``parameters`` (name → parameter, model order)
+    restricts the statistics to those parameters.
+
+    Returns the data rows as :class:`Statistics` (source name ``"data"``) and those
+    gradients.
+    """
+    lik = as_likelihood(likelihood)
+    if losses is None:
+        losses = lik.loss(outputs, targets)
+    with capture.paused():
+        extra = capture.backward_to_outputs(losses.sum(), also=tuple(also))
+    grads = {m: [[c.grad_output for c in calls]] for m, calls in capture.calls.items()}
+    stats = _statistics("data", model, capture, grads, [targets], False, DATA_PASS_PROVIDES,
+                        int(outputs.shape[0]), losses.detach().mean(), parameters)
+    return stats, extra
 
 
 @register("source", "true_fisher")
@@ -543,12 +720,13 @@ class GramSource(_OutputGradientSource):
             true Fisher's low-rank form).
         num_samples: draws per sample with sampled targets.
 
-    It provides ``gram`` and ``weighted_grads`` (and ``per_sample_grads`` for checks), not
-    Kronecker factors or batch gradients: structures that need those should say so.
+    It provides ``gram``, ``weighted_grads`` and ``row_dots`` (and ``per_sample_grads`` for
+    checks), not Kronecker factors or batch gradients: structures that need those should say
+    so.
     """
 
     name = "gram"
-    _provides = frozenset({"gram", "weighted_grads", "per_sample_grads"})
+    _provides = frozenset({"gram", "weighted_grads", "row_dots", "per_sample_grads"})
 
     def __init__(self, targets: Literal["data", "sampled"] = "data", num_samples: int = 1):
         super().__init__(targets=targets, num_samples=num_samples)

@@ -280,7 +280,8 @@ def test_sources_are_registered_and_declare_what_they_provide():
     sources = curvlib.available("source")["source"]
     assert {"true_fisher", "empirical", "gram"} <= set(sources)
     assert as_source("empirical").provides >= {"per_sample_grads", "gram", "kfac_factors"}
-    assert as_source("gram").provides == {"gram", "weighted_grads", "per_sample_grads"}
+    assert as_source("gram").provides == {"gram", "weighted_grads", "row_dots",
+                                          "per_sample_grads"}
     assert as_source("true_fisher").provides == {"batch_grads"}
     assert "kfac_factors" in TrueFisher(per_sample=True).provides
     assert as_source("true_fisher", num_samples=3).num_samples == 3

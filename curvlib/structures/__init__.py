@@ -1,9 +1,23 @@
 """Structures (kind ``structure``): curvature approximations a solver inverts.
 
-Built in: ``tensor_normal`` (TNT). See :mod:`curvlib.structures.base` for the protocol.
+Built in: ``tensor_normal`` (TNT), ``smw`` (per-batch damped Fisher by Sherman–Morrison–
+Woodbury, FNGD) and ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficients). See
+:mod:`curvlib.structures.base` for the two protocols (vector and batch structures).
 """
 
-from curvlib.structures.base import Structure, as_structure
+from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
+from curvlib.structures.sharing import CoefficientSharing
+from curvlib.structures.smw import SMW
 from curvlib.structures.tensor_normal import TensorNormal, mode_statistics, normalise
 
-__all__ = ["Structure", "TensorNormal", "as_structure", "mode_statistics", "normalise"]
+__all__ = [
+    "SMW",
+    "BatchContext",
+    "CoefficientSharing",
+    "Plan",
+    "Structure",
+    "TensorNormal",
+    "as_structure",
+    "mode_statistics",
+    "normalise",
+]

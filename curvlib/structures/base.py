@@ -12,49 +12,146 @@ The optimizer (:mod:`curvlib.optim`) calls, per param group:
   ``ema``, or with ``average=True`` while warm-starting;
 * :meth:`Structure.refresh` when inverses are due;
 * :meth:`Structure.direction` on every step, for covered parameters.
+
+That is the protocol of **vector** structures (``preconditions = "vector"``: TNT, KFAC,
+Shampoo…), which keep running statistics and map a gradient-like vector to a direction.
+**Batch** structures (``preconditions = "batch"``: ``smw``, ``coefficient_sharing``) instead
+precondition each batch's gradient from that batch's per-sample statistics, inside
+``opt.backward``:
+
+* :meth:`Structure.plan` says what the step needs — the source's curvature statistics or
+  not, or per-sample loss weights for one ordinary backward pass;
+* :meth:`Structure.gradient` returns the preconditioned gradient of every covered parameter
+  from the data pass (:func:`curvlib.sources.data_pass`) and, when planned, the curvature
+  statistics;
+* the optimizer writes it into ``.grad`` and steps with momentum and weight decay like SGD.
+
+Batch structures keep what must survive between steps (stored coefficients) in
+``context.store``, a dict the optimizer owns and saves in its ``state_dict``.
 """
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from curvlib.registry import resolve
 
-__all__ = ["Structure", "as_structure"]
+__all__ = ["BatchContext", "Plan", "Structure", "as_structure"]
 
 
-class Structure(abc.ABC):
-    """Base class of structures; see the module docstring for the protocol."""
+@dataclass
+class Plan:
+    """What a batch structure needs for one step.
+
+    Attributes:
+        curvature: run the source (its statistics are passed to :meth:`Structure.gradient`).
+        loss_weights: if set, ``(N,)`` weights ``c``: the covered parameters' gradient is
+            that of ``Σ_n c_n ℓ_n``, from one ordinary backward pass, and
+            :meth:`Structure.gradient` is not called.
+    """
+
+    curvature: bool = True
+    loss_weights: Tensor | None = None
+
+
+@dataclass
+class BatchContext:
+    """What a batch structure knows about the step it preconditions.
+
+    Attributes:
+        step: the optimizer's step count ``t`` (from 0).
+        batch_size: ``N``.
+        key: the key the caller passed to ``opt.backward`` (``None`` if none).
+        sample_ids: ``(N,)`` integer ids of the samples, if the caller passed them.
+        params: covered parameter name → parameter, in model order.
+        owners: covered parameter name → the name of the module that owns it.
+        damping: covered parameter name → its param group's ``damping`` hyperparameter.
+        damping_rule: the optimizer's damping rule (kind ``damping``).
+        solver: the optimizer's solver.
+        store: structure state kept by the optimizer across steps (saved in its
+            ``state_dict``); tensors, numbers, strings, and dicts and lists of them.
+        report: counts the structure fills in for :attr:`CurvatureOptimizer.last_refresh`.
+        notes: scratch space from :meth:`Structure.plan` to :meth:`Structure.gradient` and
+            :meth:`Structure.commit` within the step.
+    """
+
+    step: int
+    batch_size: int
+    key: Any
+    sample_ids: Tensor | None
+    params: dict[str, nn.Parameter]
+    owners: dict[str, str]
+    damping: dict[str, float]
+    damping_rule: Any
+    solver: Any
+    store: dict[str, Any]
+    report: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Structure:
+    """Base class of structures; see the module docstring for the two protocols.
+
+    A vector structure overrides :meth:`init_state`, :meth:`update`, :meth:`refresh` and
+    :meth:`direction`; a batch structure sets ``preconditions = "batch"`` and overrides
+    :meth:`plan` (optionally), :meth:`gradient` and :meth:`commit`.
+    """
 
     name: ClassVar[str] = ""
     #: The statistics it needs from a source (names in :data:`curvlib.sources.PROVIDES`).
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: ``"vector"`` (running statistics, :meth:`direction`) or ``"batch"`` (:meth:`gradient`).
+    preconditions: ClassVar[str] = "vector"
+    #: The damping rule :func:`curvlib.assemble` uses when none is given.
+    default_damping: ClassVar[str] = "constant"
 
-    def covers(self, param: nn.Parameter) -> bool:
-        """Whether this structure preconditions ``param`` (others get the fallback)."""
+    def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
+        """Whether this structure preconditions ``param``, owned by module ``owner`` (others
+        get the fallback)."""
         return True
 
-    @abc.abstractmethod
+    # -- vector structures ----------------------------------------------------------------------
+
     def init_state(self, param: nn.Parameter) -> dict[str, Any]:
         """The initial per-parameter state (tensors on the parameter's device)."""
+        return {}
 
-    @abc.abstractmethod
     def update(self, items: list[tuple[str, nn.Parameter, dict[str, Any]]], stats: Any, *,
                ema: float, average: bool = False) -> None:
         """Fold one batch's statistics into the state of ``(name, param, state)`` items."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no running statistics")
 
-    @abc.abstractmethod
     def refresh(self, items: list[tuple[str, nn.Parameter, dict[str, Any]]], *, solver: Any,
                 damping: Callable[[Tensor], Tensor]) -> dict[str, int]:
         """Recompute the inverses; returns counts of what the recovery policy had to do."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no inverses")
 
-    @abc.abstractmethod
     def direction(self, param: nn.Parameter, state: dict[str, Any], vector: Tensor) -> Tensor:
         """The preconditioned direction for ``vector`` (parameter-shaped)."""
+        raise NotImplementedError(f"{type(self).__name__} preconditions batches, not vectors")
+
+    # -- batch structures -----------------------------------------------------------------------
+
+    def check_source(self, source: Any) -> None:
+        """Raise ``CompatibilityError`` if this structure cannot work with ``source`` for a
+        reason beyond :attr:`needs` (default: nothing to check)."""
+
+    def plan(self, context: BatchContext) -> Plan:
+        """What this step needs (default: the curvature statistics)."""
+        return Plan()
+
+    def gradient(self, context: BatchContext, data: Any, curvature: Any) -> dict[str, Tensor]:
+        """Covered parameter name → preconditioned gradient, from the data pass ``data`` and
+        (when planned) the source's statistics ``curvature``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a batch structure")
+
+    def commit(self, context: BatchContext) -> None:
+        """Called once the step's gradient has been written: make changes to
+        ``context.store`` permanent here, so a step that fails midway leaves none."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

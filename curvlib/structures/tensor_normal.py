@@ -137,7 +137,7 @@ class TensorNormal(Structure):
             return (out, inp, kh * kw) if self.reshape == "out_in_kernel" else (out, inp * kh * kw)
         return shape
 
-    def covers(self, param: nn.Parameter) -> bool:
+    def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """Every tensor of order ≥ 1 (scalars fall back to the optimizer's default)."""
         return param.dim() >= 1
 

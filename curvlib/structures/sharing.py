@@ -1,0 +1,275 @@
+r"""``coefficient_sharing``: compute a coefficient-producing structure's coefficients once,
+reuse them across epochs (FNGD, Section IV-B).
+
+``smw`` writes each block's direction as ``Σ_m c_m g_m`` with coefficients ``c`` from the
+block's per-sample Gram. FNGD's observation is that these coefficients change little from
+one epoch to the next, so they are computed during a refresh period (by default the first
+epoch), stored per block and per **key**, and reused. A shared step then costs one forward,
+one backward pass to the layer outputs and the layers' weighted weight gradients ``(c⊙Z)ᵀX``
+— the cost of an SGD step.
+
+Keys (``key=``):
+
+* ``"position"`` (default, as the paper): the batch's position in the epoch,
+  ``t mod steps_per_epoch`` (``steps_per_epoch`` given at construction), or an explicit
+  ``opt.backward(outputs, targets, key=k)``. With reshuffling, position ``k`` holds
+  different samples every epoch; the paper reports that this still works.
+* ``"sample"``: one coefficient per sample id, ``opt.backward(outputs, targets,
+  sample_ids=ids)`` (ids are integers ``≥ 0``, e.g. dataset indices). A coefficient computed
+  in a batch of ``M_m`` samples is used as ``c_m · M_m/N`` in a batch of ``N``, so the total
+  weight of a batch stays that of the batches the coefficients came from.
+
+Refresh (``refresh_every=``): ``None`` (default) computes each key's coefficients on its first
+use only; ``K`` recomputes them on every ``K``-th use of the key (every ``K`` epochs with
+position keys; with sample keys, a batch is recomputed when any of its samples is due).
+
+A batch whose size differs from the stored coefficients' (the last, smaller batch of an
+epoch under an explicit key, or a changed batch size) follows ``size_mismatch=``:
+``"recompute"`` (default: compute and store fresh coefficients, a refresh step),
+``"uniform"`` (every sample gets the stored total ``Σ c`` divided by ``N``, keeping the
+block's step length; the direction is then the block's plain mean gradient times
+``M·mean(c)``), or ``"error"``. It applies to position keys; sample keys rescale as above.
+
+One vector for the whole model: wrap ``SMW(blocks="model")``; a shared step then needs no
+layer records at all: the covered parameters' gradient is that of ``Σ_m c_m ℓ_m``, one
+ordinary backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.registry import register
+from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
+
+__all__ = ["CoefficientSharing"]
+
+
+@register("structure", "coefficient_sharing")
+class CoefficientSharing(Structure):
+    """Store a structure's per-block coefficients per key and reuse them (module docstring).
+
+    Args:
+        inner: a coefficient-producing batch structure (name, class or object; default
+            ``"smw"``); it must have ``partition``, ``coefficients`` and ``apply`` as
+            :class:`~curvlib.structures.smw.SMW` does.
+        steps_per_epoch: batches per epoch, for position keys without an explicit ``key=``.
+        key: ``"position"`` or ``"sample"``.
+        refresh_every: ``None`` (compute once per key) or ``K`` (recompute every ``K``-th use).
+        size_mismatch: ``"recompute"``, ``"uniform"`` or ``"error"`` (position keys).
+        inner_options: options for ``inner`` when it is given by name or class (e.g.
+            ``blocks="model"``, ``scale="natural"``).
+    """
+
+    name = "coefficient_sharing"
+    preconditions = "batch"
+
+    def __init__(self, inner: Any = "smw", *, steps_per_epoch: int | None = None,
+                 key: Literal["position", "sample"] = "position",
+                 refresh_every: int | None = None,
+                 size_mismatch: Literal["recompute", "uniform", "error"] = "recompute",
+                 **inner_options: Any):
+        self.inner = as_structure(inner, **inner_options)
+        for method in ("partition", "coefficients", "apply"):
+            if not callable(getattr(self.inner, method, None)):
+                raise TypeError(
+                    f"coefficient_sharing wraps a structure that produces coefficients "
+                    f"(with partition, coefficients and apply, like 'smw'); "
+                    f"{self.inner!r} has no {method}()"
+                )
+        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch
+                                            or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer, got "
+                             f"{steps_per_epoch!r}")
+        if key not in ("position", "sample"):
+            raise ValueError(f"key must be 'position' or 'sample', got {key!r}")
+        if refresh_every is not None and (int(refresh_every) != refresh_every
+                                          or refresh_every < 1):
+            raise ValueError(f"refresh_every must be None or a positive integer, got "
+                             f"{refresh_every!r}")
+        if size_mismatch not in ("recompute", "uniform", "error"):
+            raise ValueError(f"size_mismatch must be 'recompute', 'uniform' or 'error', got "
+                             f"{size_mismatch!r}")
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.key = key
+        self.refresh_every = None if refresh_every is None else int(refresh_every)
+        self.size_mismatch = size_mismatch
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """What the inner structure needs."""
+        return self.inner.needs
+
+    @property
+    def default_damping(self) -> str:  # type: ignore[override]
+        """The inner structure's default damping rule."""
+        return self.inner.default_damping
+
+    def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
+        """As the inner structure."""
+        return self.inner.covers(param, owner)
+
+    def check_source(self, source: Any) -> None:
+        """Shared coefficients weight the data's per-sample gradients: data targets only."""
+        from curvlib.optim import CompatibilityError
+
+        self.inner.check_source(source)
+        if getattr(source, "targets", None) != "data":
+            raise CompatibilityError(
+                f"coefficient_sharing reuses coefficients over the data's per-sample "
+                f"gradients, so its source must use the data's targets; {source!r} does not. "
+                f"Use source='gram' (targets='data') or 'empirical', or structure='smw' "
+                f"without sharing for sampled targets"
+            )
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def _position(self, context: BatchContext) -> Any:
+        if context.key is not None:
+            key = context.key
+            if isinstance(key, Tensor):
+                key = key.item()
+            return key
+        if self.steps_per_epoch is None:
+            raise ValueError(
+                "coefficient_sharing keys each batch by its position in the epoch, but it "
+                "does not know the epoch's length: pass steps_per_epoch=len(loader) (e.g. "
+                "curvlib.FNGD(..., steps_per_epoch=len(loader))), or key=... to "
+                "opt.backward, or use key='sample' with sample_ids"
+            )
+        return context.step % self.steps_per_epoch
+
+    def _ids(self, context: BatchContext) -> Tensor:
+        ids = context.sample_ids
+        if ids is None:
+            raise ValueError(
+                "coefficient_sharing(key='sample') needs the batch's sample ids: "
+                "opt.backward(outputs, targets, sample_ids=ids) with ids (N,) integers ≥ 0"
+            )
+        ids = torch.as_tensor(ids)
+        if (ids.dim() != 1 or ids.shape[0] != context.batch_size or ids.is_floating_point()
+                or bool((ids < 0).any())):
+            raise ValueError(
+                f"sample_ids must be ({context.batch_size},) integers ≥ 0, got "
+                f"{ids.dtype} of shape {tuple(ids.shape)}"
+            )
+        if ids.unique().numel() != ids.numel():
+            raise ValueError("sample_ids must be distinct within a batch")
+        return ids.long().cpu()
+
+    def _due(self, uses: int) -> bool:
+        return self.refresh_every is not None and uses % self.refresh_every == 0
+
+    # -- plan, gradient, commit ----------------------------------------------------------------
+
+    def plan(self, context: BatchContext) -> Plan:
+        """A refresh (curvature needed) or a shared step with stored coefficients."""
+        n = context.batch_size
+        notes = context.notes
+        if self.key == "position":
+            key = self._position(context)
+            entries = context.store.setdefault("positions", {})
+            entry = entries.get(key)
+            notes["key"] = key
+            refresh = entry is None
+            if entry is not None:
+                refresh = self._due(int(entry["uses"]))
+                if not refresh and int(entry["size"]) != n:
+                    if self.size_mismatch == "error":
+                        raise ValueError(
+                            f"batch of {n} samples at key {key!r}, whose coefficients were "
+                            f"computed for {int(entry['size'])}; pass size_mismatch="
+                            f"'recompute' or 'uniform' to coefficient_sharing"
+                        )
+                    refresh = self.size_mismatch == "recompute"
+            if not refresh:
+                stored = entry["coefficients"]
+                if int(entry["size"]) != n:  # uniform
+                    stored = {b: c.sum().expand(n) / n for b, c in stored.items()}
+                notes["coefficients"] = stored
+        else:
+            ids = self._ids(context)
+            table = context.store.setdefault("samples", {})
+            size = table.get("size")
+            known = size is not None and bool((ids < size.shape[0]).all()) and bool(
+                (size[ids.clamp_max(size.shape[0] - 1)] > 0).all())
+            refresh = not known
+            if known:
+                refresh = any(self._due(int(u)) for u in table["uses"][ids].tolist())
+            if not refresh:
+                scale = table["size"][ids].double() / n
+                notes["coefficients"] = {
+                    b: c[ids.to(c.device)] * scale.to(c.device)
+                    for b, c in table["coefficients"].items()}
+            notes["ids"] = ids
+        notes["refresh"] = refresh
+        if refresh:
+            return Plan(curvature=True)
+        stored = notes["coefficients"]
+        if set(stored) == {"model"} and getattr(self.inner, "blocks", None) == "model":
+            context.report["shared"] = 1
+            return Plan(curvature=False, loss_weights=stored["model"])
+        return Plan(curvature=False)
+
+    def gradient(self, context: BatchContext, data: Any, curvature: Any) -> dict[str, Tensor]:
+        """Refresh: the inner structure's coefficients (kept for :meth:`commit`) and
+        direction; shared: the direction for the stored coefficients."""
+        notes = context.notes
+        if notes["refresh"]:
+            coefficients = self.inner.coefficients(context, curvature)
+            notes["new"] = coefficients
+            context.report["refreshed"] = 1
+        else:
+            coefficients = notes["coefficients"]
+            context.report["shared"] = 1
+        return self.inner.apply(context, data, coefficients)
+
+    def commit(self, context: BatchContext) -> None:
+        """Store fresh coefficients (not when a block was skipped) and count the use."""
+        notes = context.notes
+        n = context.batch_size
+        new = notes.get("new")
+        store_new = new is not None and not notes.get("skipped")
+        if self.key == "position":
+            entries = context.store["positions"]
+            key = notes["key"]
+            if store_new:
+                entries[key] = {"coefficients": dict(new), "size": n, "uses": 1}
+            elif key in entries:
+                entries[key]["uses"] = int(entries[key]["uses"]) + 1
+            return
+        ids = notes["ids"]
+        table = context.store["samples"]
+        if store_new:
+            capacity = int(ids.max()) + 1
+            old = table.get("size")
+            if old is None or old.shape[0] < capacity:
+                grow = max(capacity, 0 if old is None else 2 * old.shape[0])
+                table["size"] = _grown(old, grow, torch.long)
+                table["uses"] = _grown(table.get("uses"), grow, torch.long)
+                coeffs = table.setdefault("coefficients", {})
+                for b, c in new.items():
+                    coeffs[b] = _grown(coeffs.get(b), grow, c.dtype, c.device)
+            for b, c in new.items():
+                table["coefficients"][b][ids.to(c.device)] = c
+            table["size"][ids] = n
+            table["uses"][ids] = 1
+        elif "uses" in table:
+            table["uses"][ids] += 1
+
+    def __repr__(self) -> str:
+        return (f"CoefficientSharing(inner={self.inner!r}, steps_per_epoch="
+                f"{self.steps_per_epoch}, key={self.key!r}, refresh_every={self.refresh_every}, "
+                f"size_mismatch={self.size_mismatch!r})")
+
+
+def _grown(old: Tensor | None, length: int, dtype: torch.dtype,
+           device: torch.device | None = None) -> Tensor:
+    """``old`` zero-padded to ``length`` entries (a new zero tensor if ``old`` is None)."""
+    out = torch.zeros(length, dtype=dtype, device=device if old is None else old.device)
+    if old is not None:
+        out[:old.shape[0]] = old
+    return out
