@@ -91,3 +91,30 @@ def test_tnt_steps_on_cuda_match_cpu():
         results.append([q.detach().cpu() for q in model.parameters()])
     for a, b in zip(*results, strict=True):
         assert_close(b, a, rtol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key", ["position", "sample"])
+def test_fngd_steps_on_cuda_match_cpu(key):
+    """FNGD's stored coefficients and every refresh and shared step stay on the parameters'
+    device and agree with the CPU in float64."""
+    import curvlib
+
+    spec = ModelSpec("cnn2d", (2, 5, 5), (3,), 3, "tanh", seed=0)
+    results = []
+    for device in ("cpu", "cuda"):
+        p = Problem.make(spec, "categorical", 6, 1)
+        model = p.model.to(device)
+        x, y = p.inputs.to(device), p.targets.to(device)
+        opt = curvlib.FNGD(model, "categorical", lr=0.1, alpha=0.5, steps_per_epoch=2, key=key)
+        for t in range(4):
+            opt.zero_grad()
+            ids = torch.arange(6) + 6 * (t % 2) if key == "sample" else None
+            opt.backward(model(x), y, sample_ids=ids)
+            opt.step()
+        table = (opt.structure_state["positions"][0]["coefficients"] if key == "position"
+                 else opt.structure_state["samples"]["coefficients"])
+        assert all(c.device.type == device for c in table.values())
+        results.append([q.detach().cpu() for q in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert_close(b, a, rtol=1e-10)

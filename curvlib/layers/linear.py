@@ -79,6 +79,16 @@ class PatchPlugin(LayerPlugin):
         params = trainable_parameters(module)
         x, z = self._all_patches(module, calls)
         out = {}
+        n, t, g, d = x.shape
+        if ("weight" in params and "bias" in params and t == 1
+                and _patch.choose_gram_method(self.gram_method, n, t, g, d, z.shape[-1])
+                == "contract"):
+            # one position: the bias Gram Σ_g z_m·z_n is the weight contraction's Z factor
+            zz = _patch.contract("mgo,ngo->mng", z[:, 0], z[:, 0])
+            xx = _patch.contract("mgd,ngd->mng", x[:, 0], x[:, 0])
+            out["weight"] = (zz * xx).sum(-1)
+            out["bias"] = zz.sum(-1)
+            return out
         if "weight" in params:
             out["weight"] = _patch.weight_gram(x, z, self.gram_method)
         if "bias" in params:
