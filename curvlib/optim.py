@@ -42,7 +42,7 @@ from curvlib.capture import Capture
 from curvlib.damping import Damping, as_damping
 from curvlib.likelihoods import Likelihood, as_likelihood
 from curvlib.solvers import Solver, as_solver
-from curvlib.sources import Source, Statistics, as_source, data_pass
+from curvlib.sources import Source, Statistics, as_source, data_layout, data_pass
 from curvlib.structures.base import BatchContext, Structure, as_structure
 
 __all__ = ["CompatibilityError", "CurvatureOptimizer", "assemble"]
@@ -153,6 +153,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._capture = Capture({m: owner_modules[m] for m in owner_modules if m in watched},
                                     clear_on_call_of=model)
             self._capture.start()
+            # plugins are resolved once, here (a layer plugin registered later is not seen)
+            self._layout = data_layout(self._capture, self._covered)
+            self._owners_of = {name: self._owner_names[id(p)] for name, p in self._covered.items()}
         elif source.needs_capture:
             self._capture = Capture(model, clear_on_call_of=model)
             self._capture.start()
@@ -212,7 +215,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         context = BatchContext(
             step=self._step_count, batch_size=n, key=key, sample_ids=sample_ids,
             params=self._covered,
-            owners={name: self._owner_names[id(p)] for name, p in self._covered.items()},
+            owners=self._owners_of,
             damping={name: float(g["damping"]) for name, g in self._group_of.items()},
             damping_rule=self.damping_rule, solver=self.solver, store=self.structure_state)
         try:
@@ -260,7 +263,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature = self.source.collect(self.model, self.likelihood, outputs, targets,
                                             capture=self._capture, generator=self.generator)
         data, plain = data_pass(self.model, self.likelihood, outputs, targets, self._capture,
-                                losses=losses, also=tuple(self._plain), parameters=self._covered)
+                                losses=losses, also=tuple(self._plain), layout=self._layout)
         if shares:
             curvature = self.source.from_data_pass(data)
         directions = self.structure.gradient(context, data, curvature)

@@ -49,6 +49,7 @@ from curvlib.registry import register, resolve
 
 __all__ = [
     "PROVIDES",
+    "DataLayout",
     "Empirical",
     "GramSource",
     "Source",
@@ -56,6 +57,7 @@ __all__ = [
     "Statistics",
     "TrueFisher",
     "as_source",
+    "data_layout",
     "data_pass",
     "gram",
     "per_sample_grads",
@@ -560,28 +562,46 @@ class _OutputGradientSource(Source):
         return _relabel(data, self.name, self.provides)
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """Which recorded modules hold which parameters, with their plugins: what
+    :func:`data_pass` would otherwise look up on every call (see :func:`data_layout`)."""
+
+    layers: tuple[tuple[nn.Module, str, LayerPlugin, dict[str, str]], ...]
+    shapes: dict[str, torch.Size]
+
+
+def data_layout(capture: Capture, parameters: dict[str, Tensor]) -> DataLayout:
+    """The layout of ``parameters`` (name → parameter, model order) over the modules
+    ``capture`` watches. Plugins are resolved now: build it again after registering a new
+    layer plugin."""
+    index = {id(p): n for n, p in parameters.items()}
+    layers = []
+    for module in capture.calls:
+        params = {k: index[id(p)] for k, p in module._parameters.items()
+                  if p is not None and id(p) in index}
+        if params:
+            layers.append((module, capture.names[module], plugin_for(module), params))
+    covered = {n for *_, params in layers for n in params.values()}
+    shapes = {n: p.shape for n, p in parameters.items() if n in covered}
+    return DataLayout(tuple(layers), shapes)
+
+
 def _statistics(name: str, model: nn.Module, capture: Capture,
                 grads: dict[nn.Module, list[list[Tensor]]], draws: list[Tensor], sampled: bool,
                 provides: frozenset[str], batch_size: int, loss: Tensor | None,
-                parameters: dict[str, Tensor] | None = None) -> Statistics:
+                layout: DataLayout | None = None) -> Statistics:
     """Statistics from the calls a capture recorded and the output gradients of each draw.
 
-    ``parameters`` (name → parameter, model order) limits them to those parameters and
-    spares walking the model (the optimizer passes the ones it covers, every step).
+    ``layout`` (from :func:`data_layout`) limits them to its parameters and spares walking
+    the model and the registry (the optimizer passes one, every step).
     """
-    if parameters is not None:
-        index = {id(p): n for n, p in parameters.items()}
-        layers = []
-        for module, calls in capture.calls.items():
-            params = {k: index[id(p)] for k, p in module._parameters.items()
-                      if p is not None and id(p) in index}
-            if params:
-                stacked = _stack_calls(calls, grads[module]) if calls else []
-                layers.append(_Layer(capture.names[module], module, plugin_for(module),
-                                     stacked, params))
-        covered = {n for layer in layers for n in layer.params.values()}
-        shapes = {n: p.shape for n, p in parameters.items() if n in covered}
-        return Statistics(name, batch_size, len(draws), sampled, provides, loss, shapes,
+    if layout is not None:
+        layers = [_Layer(lname, module, plugin,
+                         _stack_calls(capture.calls[module], grads[module])
+                         if capture.calls[module] else [], params)
+                  for module, lname, plugin, params in layout.layers]
+        return Statistics(name, batch_size, len(draws), sampled, provides, loss, layout.shapes,
                           list(draws), layers, _capture=capture)
     index = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     layers = []
@@ -612,7 +632,7 @@ DATA_PASS_PROVIDES = frozenset({"per_sample_grads", "gram", "weighted_grads", "r
 
 def data_pass(model: nn.Module, likelihood: Any, outputs: Tensor, targets: Tensor,
               capture: Capture, *, losses: Tensor | None = None,
-              also: tuple[Tensor, ...] = (), parameters: dict[str, Tensor] | None = None
+              also: tuple[Tensor, ...] = (), layout: DataLayout | None = None
               ) -> tuple[Statistics, list[Tensor | None]]:
     """One backward pass of the summed data loss to the recorded layer outputs.
 
@@ -620,8 +640,8 @@ def data_pass(model: nn.Module, likelihood: Any, outputs: Tensor, targets: Tenso
     Section IV-C): no parameter gradient of a recorded layer is formed. ``also`` are
     tensors (parameters outside the recorded layers) whose gradients of ``Σ_n ℓ_n`` are
     computed in the same pass and returned (``None`` where unused). ``losses`` are the
-    per-sample losses if already computed; ``parameters`` (name → parameter, model order)
-    restricts the statistics to those parameters.
+    per-sample losses if already computed; ``layout`` (:func:`data_layout`) restricts the
+    statistics to its parameters.
 
     Returns the data rows as :class:`Statistics` (source name ``"data"``) and those
     gradients.
@@ -633,7 +653,7 @@ def data_pass(model: nn.Module, likelihood: Any, outputs: Tensor, targets: Tenso
         extra = capture.backward_to_outputs(losses.sum(), also=tuple(also))
     grads = {m: [[c.grad_output for c in calls]] for m, calls in capture.calls.items()}
     stats = _statistics("data", model, capture, grads, [targets], False, DATA_PASS_PROVIDES,
-                        int(outputs.shape[0]), losses.detach().mean(), parameters)
+                        int(outputs.shape[0]), losses.detach().mean(), layout)
     return stats, extra
 
 

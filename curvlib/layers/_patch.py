@@ -100,13 +100,24 @@ def weight_gram(x: Tensor, z: Tensor, method: GramMethod) -> Tensor:
         u = per_sample_weight(x, z).reshape(n, -1)
         return u @ u.T
     if t == 1:
-        x1, z1 = x[:, 0], z[:, 0]
-        zz = contract("mgo,ngo->mng", z1, z1)
-        xx = contract("mgd,ngd->mng", x1, x1)
+        zz, xx = one_position_grams(x, z)
         return (zz * xx).sum(-1)
     zz = contract("mtgo,nsgo->mtnsg", z, z)
     xx = contract("mtgd,nsgd->mtnsg", x, x)
     return contract("mtnsg,mtnsg->mn", zz, xx)
+
+
+def one_position_grams(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ZZᵀ, XXᵀ)`` per group, each ``(N, N, G)``, for one position (``T = 1``).
+
+    With one group these are two plain matrix products (no einsum dispatch: this runs on
+    every FNGD refresh step, where small-op overhead counts).
+    """
+    if x.shape[2] == 1:
+        z2, x2 = z[:, 0, 0], x[:, 0, 0]
+        return (z2 @ z2.T).unsqueeze(-1), (x2 @ x2.T).unsqueeze(-1)
+    x1, z1 = x[:, 0], z[:, 0]
+    return contract("mgo,ngo->mng", z1, z1), contract("mgd,ngd->mng", x1, x1)
 
 
 def kfac(x: Tensor, z: Tensor, *, fold_bias: bool, has_weight: bool, mode: str

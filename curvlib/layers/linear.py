@@ -84,8 +84,7 @@ class PatchPlugin(LayerPlugin):
                 and _patch.choose_gram_method(self.gram_method, n, t, g, d, z.shape[-1])
                 == "contract"):
             # one position: the bias Gram Σ_g z_m·z_n is the weight contraction's Z factor
-            zz = _patch.contract("mgo,ngo->mng", z[:, 0], z[:, 0])
-            xx = _patch.contract("mgd,ngd->mng", x[:, 0], x[:, 0])
+            zz, xx = _patch.one_position_grams(x, z)
             out["weight"] = (zz * xx).sum(-1)
             out["bias"] = zz.sum(-1)
             return out
@@ -273,7 +272,9 @@ class LinearPlugin(PatchPlugin):
         return z.reshape(-1, z.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
     def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
-        """``Σ_t z_nt``."""
+        """``Σ_t z_nt`` (``Z`` itself, no copy, with one position)."""
+        if z.dim() == 2:
+            return z
         return z.reshape(z.shape[0], -1, z.shape[-1]).sum(1)
 
 

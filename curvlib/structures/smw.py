@@ -112,8 +112,11 @@ class SMW(Structure):
                 "smw needs a positive damping (α of λ = α‖UᵀU‖_F with the frobenius rule, "
                 f"λ itself with the constant rule); got damping values {sorted(set(values))}"
             )
+        distinct = set(values)
+        if len(distinct) == 1:  # the common case: one param group
+            return context.damping_rule(values[0], grams).to(torch.float64)
         out = torch.empty(len(values), dtype=torch.float64, device=grams.device)
-        for value in set(values):
+        for value in distinct:
             idx = torch.tensor([i for i, v in enumerate(values) if v == value],
                                device=grams.device)
             out[idx] = context.damping_rule(value, grams[idx]).to(out)
@@ -137,7 +140,9 @@ class SMW(Structure):
         lam = self._dampings(context, blocks, grams)
         m = grams.shape[-1]
         ones = torch.ones(grams.shape[0], m, dtype=torch.float64, device=grams.device)
-        zero = grams.abs().sum((1, 2)) == 0  # no gradient at all: any c gives U c = 0
+        # λ = 0 with a positive damping value: the frobenius rule saw K = 0, no gradient at
+        # all, and any c gives U c = 0 (c = 1/M is stored, the large-damping limit)
+        zero = lam == 0
         solved = robust_solve(context.solver, grams, torch.where(zero, 1.0, lam) * m, ones)
         c = solved.solution
         if self.scale == "sgd":
@@ -185,7 +190,7 @@ class SMW(Structure):
         grams = self._block_grams(blocks, curvature).double()
         rhs = torch.stack([sum(dots[x] for x in names) for names in blocks.values()]).double()
         lam = self._dampings(context, blocks, grams)
-        zero = grams.abs().sum((1, 2)) == 0  # U = 0: a is irrelevant, λ = 0 is no error
+        zero = lam == 0  # frobenius rule and U = 0: a is irrelevant, λ = 0 is no error
         lam = torch.where(zero, 1.0, lam)
         r = grams.shape[-1]
         solved = robust_solve(context.solver, grams, lam * r, rhs)
