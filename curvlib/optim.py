@@ -219,7 +219,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             damping={name: float(g["damping"]) for name, g in self._group_of.items()},
             damping_rule=self.damping_rule, solver=self.solver, store=self.structure_state)
         try:
-            directions, plain = self._precondition(context, outputs, targets, losses)
+            directions, plain, planned = self._precondition(context, outputs, targets, losses)
         finally:
             capture.release_outputs()
             capture.clear()
@@ -229,7 +229,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for p, g in zip(self._plain, plain, strict=True):
                 if g is not None:
                     _accumulate(p, g / n)
-        self.structure.commit(context)
+        if planned:
+            self.structure.commit(context)
         self.last_refresh = dict(context.report)
         if context.report.get("skipped"):
             warnings.warn(
@@ -240,11 +241,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return losses.detach().mean()
 
     def _precondition(self, context: BatchContext, outputs: Tensor, targets: Tensor,
-                      losses: Tensor) -> tuple[dict[str, Tensor], list[Tensor | None]]:
-        """The covered parameters' directions and the plain parameters' summed gradients."""
+                      losses: Tensor
+                      ) -> tuple[dict[str, Tensor], list[Tensor | None], bool]:
+        """The covered parameters' directions, the plain parameters' summed gradients, and
+        whether the structure planned this step (nothing is covered: it is not asked)."""
         if not self._covered:
             grads = torch.autograd.grad(losses.sum(), self._plain, allow_unused=True)
-            return {}, list(grads)
+            return {}, list(grads), False
         plan = self.structure.plan(context)
         if plan.loss_weights is not None:
             covered = list(self._covered.values())
@@ -256,7 +259,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 plain = list(torch.autograd.grad(losses.sum(), self._plain, allow_unused=True))
             directions = {name: torch.zeros_like(p) if g is None else g
                           for (name, p), g in zip(self._covered.items(), weighted, strict=True)}
-            return directions, plain
+            return directions, plain, True
         curvature = None
         shares = plan.curvature and self.source.shares_data_pass
         if plan.curvature and not shares:
@@ -267,7 +270,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if shares:
             curvature = self.source.from_data_pass(data)
         directions = self.structure.gradient(context, data, curvature)
-        return directions, plain
+        return directions, plain, True
 
     def _items(self, group: dict) -> list[tuple[str, nn.Parameter, dict]]:
         items = []

@@ -337,3 +337,18 @@ def test_plain_parameters_get_the_mean_gradient():
                                 [model[0].weight, model[3].weight, model[3].bias])
     for p, g in zip([model[0].weight, model[3].weight, model[3].bias], plain, strict=True):
         assert_close(p.grad, g, rtol=1e-12, what="plain gradient")
+
+
+def test_a_model_with_no_registered_layer_steps_with_plain_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(3)).to(F64)
+    x, y = torch.randn(4, 3, dtype=F64), torch.randint(0, 3, (4,))
+    opt = curvlib.FNGD(model, "categorical", lr=0.1, alpha=1.0, momentum=0.0, steps_per_epoch=1)
+    expected = torch.autograd.grad(nn.functional.cross_entropy(model(x), y),
+                                   list(model.parameters()))
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        assert_close(p.grad, g, rtol=1e-12, what="plain gradient")
+    opt.step()
+    assert opt.structure_state == {}
