@@ -1,13 +1,16 @@
 """Helpers shared by the benchmark scripts (``bench_sources.py``, ``bench_tnt.py``,
-``micro_tnt.py``, ``digits_autoencoder.py``).
+``micro_tnt.py``, ``digits_autoencoder.py``, ``bench_fngd.py``, ``digits_fngd.py``).
 
 Not a benchmark by itself: the autoencoder builder, a timer that interleaves variants and
-keeps medians, the ASDL adapter (a Bernoulli MC Fisher for its K-FAC) and the run metadata.
+keeps medians (and minor page faults per sample), glibc malloc tuning, the ASDL adapter (a
+Bernoulli MC Fisher for its K-FAC) and the run metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import gc
 import os
@@ -50,6 +53,36 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
 # timing
 
 
+try:
+    import resource
+except ImportError:  # not on every platform
+    resource = None  # type: ignore[assignment]
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not say)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory (no per-allocation mmap, no trimming).
+
+    The same as ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``:
+    large temporaries are then reused instead of being returned to the kernel and faulted
+    in again on the next call. Returns whether it took effect (glibc only).
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+        return libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+
+
 class SampleStats:
     """Median and quartiles of a ``samples`` list (mixed into the timing records)."""
 
@@ -80,13 +113,16 @@ class Timed(SampleStats):
     prepare: Callable[[], object] | None = None
     per: int = 1
     samples: list[float] = field(default_factory=list)  # seconds per unit
+    faults: list[float] = field(default_factory=list)  # minor page faults per unit
 
     def sample(self) -> float:
         if self.prepare is not None:
             self.prepare()
+        faults = minor_faults()
         start = time.perf_counter()
         self.run()
         seconds = (time.perf_counter() - start) / self.per
+        self.faults.append((minor_faults() - faults) / self.per)
         self.samples.append(seconds)
         return seconds
 

@@ -41,3 +41,23 @@ def test_digits_autoencoder_smoke_run(tmp_path):
     _smoke("digits_autoencoder.py", "--epochs", "2", "--seeds", "1", "--out",
            str(tmp_path / "dae"))
     assert list(tmp_path.glob("dae*"))
+
+
+def test_bench_fngd_smoke_run(tmp_path):
+    """The FNGD step-time benchmark runs (3 rounds) and its correctness checks pass:
+    refresh and shared directions against per-sample gradients from an explicit loop."""
+    out = tmp_path / "fngd.json"
+    result = _smoke("bench_fngd.py", "--quick", "--json", str(out))
+    assert "FNGD shared (per-layer) / SGD" in result.stdout
+    assert "A CORRECTNESS CHECK FAILED" not in result.stderr
+    assert out.exists()
+
+
+def test_digits_fngd_smoke_run(tmp_path):
+    """The SGD-m / EF-NGD / FNGD digits comparison runs end to end (two epochs, one seed)
+    and writes its JSON and PNG under the given prefix."""
+    result = _smoke("digits_fngd.py", "--epochs", "2", "--seeds", "1", "--out",
+                    str(tmp_path / "dfngd"))
+    assert "FNGD − EF-NGD final test accuracy" in result.stdout
+    assert (tmp_path / "dfngd.json").exists()
+    assert (tmp_path / "dfngd.png").exists()
