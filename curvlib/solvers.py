@@ -117,8 +117,14 @@ class Cholesky(Solver):
         return inverse, ~failed & _finite(inverse)
 
     def solve(self, matrices, damping, rhs):
-        """One Cholesky factorisation and two triangular solves (no inverse is formed)."""
-        factor, info = torch.linalg.cholesky_ex(_damped(matrices, damping))
+        """One Cholesky factorisation and two triangular solves (no inverse is formed).
+
+        The damping goes onto a copy's diagonal; no symmetrised copy is made (the
+        factorisation reads only the lower triangle).
+        """
+        damped = matrices.clone()
+        damped.diagonal(dim1=-2, dim2=-1).add_(damping.to(matrices.dtype).unsqueeze(-1))
+        factor, info = torch.linalg.cholesky_ex(damped)
         failed = info != 0
         if failed.any():
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
