@@ -38,8 +38,6 @@ when other processes load the machine); ``--repeats 3`` is a smoke run of about 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import gc
 import itertools
@@ -68,7 +66,7 @@ from curvlib.layers import Conv2dPlugin, LinearPlugin
 from curvlib.sources import TrueFisher
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SampleStats, cpu_model, rel_diff
+from _common import SampleStats, cpu_model, rel_diff, tune_malloc
 
 WIDTHS = (784, 1000, 500, 250, 10)
 BATCH = 128
@@ -162,25 +160,6 @@ def run_rounds(variants: list[Variant], repeats: int, sync: Callable[[], None]) 
     finally:
         if was_enabled:
             gc.enable()
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep freed memory (no per-allocation mmap, no trimming).
-
-    The same as ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``:
-    large temporaries are then reused instead of being returned to the kernel and faulted
-    in again on the next call. Returns whether it took effect (glibc only).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-        return libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
-    except (OSError, AttributeError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,8 +103,8 @@ class ConvPlugin(PatchPlugin):
                 f"plugins handle nn.Conv1d/2d/3d only (the generic plugin handles others)"
             )
 
-    def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
-        """Patches ``(N, S, G, (I/G)·∏k)`` and output gradients ``(N, S, G, O/G)``."""
+    def _recorded(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
+        """The call's ``X`` and ``Z``, after checking the module and the input's batch dim."""
         self._check_conv(module)
         x, z = call.input, call.grad_output
         if x.dim() != self.dim + 2:
@@ -112,6 +112,11 @@ class ConvPlugin(PatchPlugin):
                 f"{type(module).__name__} input of shape {tuple(x.shape)}: curvlib needs a "
                 f"batch dimension, (N, C, {', '.join('*' * self.dim)})"
             )
+        return x, z
+
+    def patches(self, module: nn.Module, call: Call) -> tuple[Tensor, Tensor]:
+        """Patches ``(N, S, G, (I/G)·∏k)`` and output gradients ``(N, S, G, O/G)``."""
+        x, z = self._recorded(module, call)
         dtype = work_dtype(x, z)
         x, padding = padded_input(module, x.to(dtype))
         cols = unfold(x, tuple(module.kernel_size), stride=tuple(module.stride),
@@ -140,13 +145,7 @@ class ConvPlugin(PatchPlugin):
     def weight_row_dots(self, module: nn.Module, call: Call, v: Tensor) -> Tensor:
         """``(N,)``: ``Σ_t z_nt · conv(x_n; weight=v)_t``, one forward convolution of the
         padded input with weight ``v`` (no bias), times ``Z``, summed per sample."""
-        self._check_conv(module)
-        x, z = call.input, call.grad_output
-        if x.dim() != self.dim + 2:
-            raise LayerPluginError(
-                f"{type(module).__name__} input of shape {tuple(x.shape)}: curvlib needs a "
-                f"batch dimension, (N, C, {', '.join('*' * self.dim)})"
-            )
+        x, z = self._recorded(module, call)
         x, padding = padded_input(module, x.to(v.dtype))
         y = torch.convolution(x, v, None, list(module.stride), list(padding),
                               list(module.dilation), False, [0] * self.dim, module.groups)
