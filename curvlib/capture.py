@@ -150,6 +150,9 @@ class Capture:
         self._recording = False
         self._active = False
         self._root = clear_on_call_of
+        #: If set, called as ``on_grad(module, call)`` as soon as a backward pass records a
+        #: call's ``Z`` (inside that pass), e.g. to form a layer's gradient while ``Z`` is hot.
+        self.on_grad: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -258,8 +261,13 @@ class Capture:
         call.output_version = output._version
         if output.requires_grad:
 
-            def store(grad: Tensor, call: Call = call) -> None:
+            ref = weakref.ref(self)
+
+            def store(grad: Tensor, call: Call = call, module: nn.Module = module) -> None:
                 call.grad_output = grad.detach()
+                capture = ref()
+                if capture is not None and capture.on_grad is not None:
+                    capture.on_grad(module, call)
 
             call._handle = output.register_hook(store)
         self.calls[module].append(call)

@@ -260,6 +260,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions = {name: torch.zeros_like(p) if g is None else g
                           for (name, p), g in zip(self._covered.items(), weighted, strict=True)}
             return directions, plain, True
+        if plan.coefficients is not None:
+            directions, plain = self._weighted_backward(losses, plan.coefficients)
+            return directions, plain, True
         curvature = None
         shares = plan.curvature and self.source.shares_data_pass
         if plan.curvature and not shares:
@@ -271,6 +274,49 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature = self.source.from_data_pass(data)
         directions = self.structure.gradient(context, data, curvature)
         return directions, plain, True
+
+    def _weighted_backward(self, losses: Tensor, coefficients: dict[str, Tensor]
+                           ) -> tuple[dict[str, Tensor], list[Tensor | None]]:
+        """One backward pass to the layer outputs; each layer's ``Σ_n c_n g_n`` is formed by
+        its plugin as soon as that layer's ``Z`` arrives (as autograd forms a weight
+        gradient), so nothing waits for the end of the pass."""
+        capture = self._capture
+        assert capture is not None
+        layers = {module: (plugin, params) for module, _, plugin, params in self._layout.layers}
+        out: dict[str, Tensor] = {}
+        converted: dict[int, Tensor] = {}
+
+        def on_grad(module: nn.Module, call: Any) -> None:
+            entry = layers.get(module)
+            if entry is None:
+                return
+            plugin, params = entry
+            by_vector: dict[int, list[str]] = {}
+            for local, name in params.items():
+                by_vector.setdefault(id(coefficients[name]), []).append(local)
+            for key, locals_ in by_vector.items():
+                c = converted.get(key)
+                if c is None:
+                    c = converted[key] = coefficients[params[locals_[0]]].to(
+                        call.grad_output.device)
+                subset = None if len(locals_) == len(params) else locals_
+                grads = (plugin.weighted_grads(module, [call], c) if subset is None
+                         else plugin.weighted_grads(module, [call], c, params=subset))
+                for local in locals_:
+                    name, g = params[local], grads[local]
+                    out[name] = g if name not in out else out[name] + g
+
+        capture.on_grad = on_grad
+        try:
+            with capture.paused():
+                plain = capture.backward_to_outputs(losses.sum(), also=tuple(self._plain))
+        finally:
+            capture.on_grad = None
+        for name, p in self._covered.items():
+            if name not in out:  # a module that was not called
+                out[name] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype,
+                                                                          torch.float32))
+        return out, plain
 
     def _items(self, group: dict) -> list[tuple[str, nn.Parameter, dict]]:
         items = []

@@ -352,3 +352,44 @@ def test_a_model_with_no_registered_layer_steps_with_plain_gradients():
         assert_close(p.grad, g, rtol=1e-12, what="plain gradient")
     opt.step()
     assert opt.structure_state == {}
+
+
+class Twice(nn.Module):
+    """One Linear applied twice (weight sharing: two calls per forward) and an unused one."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("blocks", ["layer", "tensor"])
+def test_shared_steps_in_the_backward_hooks_handle_repeated_calls_and_tensor_blocks(blocks):
+    """A shared step forms Σ c_m g_m layer by layer as each Z arrives: a module called twice
+    sums its calls, per-tensor blocks give weight and bias their own c, an unused module
+    gets zero."""
+    torch.manual_seed(0)
+    model = Twice().to(F64)
+    gen = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(5, 3, generator=gen, dtype=F64) for _ in range(2))
+    y1, y2 = (torch.randint(0, 2, (5,), generator=gen) for _ in range(2))
+    opt = curvlib.FNGD(model, "categorical", lr=0.1, alpha=0.5, steps_per_epoch=1,
+                       blocks=blocks)
+    train(opt, model, [(x1, y1)])
+    stored = opt.structure_state["positions"][0]["coefficients"]
+    opt.zero_grad()
+    opt.backward(model(x2), y2)
+    assert opt.last_refresh == {"shared": 1}
+    rows = oracles.per_sample_grads(model, "categorical", x2, y2)
+    start = 0
+    for name, p in model.named_parameters():
+        idx = torch.arange(start, start + p.numel())
+        start += p.numel()
+        c = stored[name if blocks == "tensor" else name.rpartition(".")[0]] \
+            if not name.startswith("unused") else torch.zeros(5, dtype=F64)
+        assert_close(p.grad.flatten(), c @ rows[:, idx], rtol=1e-10, atol=1e-300,
+                     what=f"shared direction of {name}")

@@ -52,10 +52,15 @@ class Plan:
         loss_weights: if set, ``(N,)`` weights ``c``: the covered parameters' gradient is
             that of ``Σ_n c_n ℓ_n``, from one ordinary backward pass, and
             :meth:`Structure.gradient` is not called.
+        coefficients: if set, parameter name → ``(N,)`` coefficients ``c`` for every covered
+            parameter: its gradient is ``Σ_n c_n g_n``, formed layer by layer during the
+            backward pass to the layer outputs as each ``Z`` arrives (the cost of an SGD
+            backward), and :meth:`Structure.gradient` is not called.
     """
 
     curvature: bool = True
     loss_weights: Tensor | None = None
+    coefficients: dict[str, Tensor] | None = None
 
 
 @dataclass

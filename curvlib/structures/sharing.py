@@ -209,9 +209,13 @@ class CoefficientSharing(Structure):
         if refresh:
             return Plan(curvature=True)
         stored = notes["coefficients"]
+        context.report["shared"] = 1
         if set(stored) == {"model"} and getattr(self.inner, "blocks", None) == "model":
-            context.report["shared"] = 1
             return Plan(curvature=False, loss_weights=stored["model"])
+        blocks = self.inner.partition(context)
+        if set(blocks) == set(stored):  # each layer's Σ c g formed as its Z arrives
+            return Plan(curvature=False, coefficients={
+                name: stored[b] for b, names in blocks.items() for name in names})
         return Plan(curvature=False)
 
     def gradient(self, context: BatchContext, data: Any, curvature: Any) -> dict[str, Tensor]:
