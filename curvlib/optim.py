@@ -42,7 +42,14 @@ from curvlib.capture import Capture
 from curvlib.damping import Damping, as_damping
 from curvlib.likelihoods import Likelihood, as_likelihood
 from curvlib.solvers import Solver, as_solver
-from curvlib.sources import Source, Statistics, as_source, data_layout, data_pass
+from curvlib.sources import (
+    Source,
+    Statistics,
+    as_source,
+    data_layout,
+    data_pass,
+    weighted_layer_grads,
+)
 from curvlib.structures.base import BatchContext, Structure, as_structure
 
 __all__ = ["CompatibilityError", "CurvatureOptimizer", "assemble"]
@@ -284,27 +291,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         assert capture is not None
         layers = {module: (plugin, params) for module, _, plugin, params in self._layout.layers}
         out: dict[str, Tensor] = {}
-        converted: dict[int, Tensor] = {}
 
         def on_grad(module: nn.Module, call: Any) -> None:
             entry = layers.get(module)
-            if entry is None:
-                return
-            plugin, params = entry
-            by_vector: dict[int, list[str]] = {}
-            for local, name in params.items():
-                by_vector.setdefault(id(coefficients[name]), []).append(local)
-            for key, locals_ in by_vector.items():
-                c = converted.get(key)
-                if c is None:
-                    c = converted[key] = coefficients[params[locals_[0]]].to(
-                        call.grad_output.device)
-                subset = None if len(locals_) == len(params) else locals_
-                grads = (plugin.weighted_grads(module, [call], c) if subset is None
-                         else plugin.weighted_grads(module, [call], c, params=subset))
-                for local in locals_:
-                    name, g = params[local], grads[local]
-                    out[name] = g if name not in out else out[name] + g
+            if entry is not None:
+                weighted_layer_grads(entry[0], module, [call], entry[1], coefficients, out)
 
         capture.on_grad = on_grad
         try:

@@ -61,6 +61,7 @@ __all__ = [
     "data_pass",
     "gram",
     "per_sample_grads",
+    "weighted_layer_grads",
 ]
 
 #: Names of the quantities a source can provide (``Source.provides``).
@@ -259,24 +260,8 @@ class Statistics:
             for layer in self._layers:
                 if not layer.calls:
                     continue
-                local = {loc: name for loc, name in layer.params.items() if name in wanted}
-                if not local:
-                    continue
-                # one plugin call per distinct coefficient vector (one call when shared)
-                by_vector: dict[int, list[str]] = {}
-                for loc, name in local.items():
-                    by_vector.setdefault(id(per[name]), []).append(loc)
-                for locs in by_vector.values():
-                    c = per[local[locs[0]]].to(layer.calls[0].grad_output.device)
-                    subset = None if len(locs) == len(layer.params) else locs
-                    if subset is None:
-                        grads = layer.plugin.weighted_grads(layer.module, layer.calls, c)
-                    else:
-                        grads = layer.plugin.weighted_grads(layer.module, layer.calls, c,
-                                                            params=subset)
-                    for loc in locs:
-                        name, g = layer.params[loc], grads[loc]
-                        out[name] = g if name not in out else out[name] + g
+                weighted_layer_grads(layer.plugin, layer.module, layer.calls, layer.params,
+                                     per, out, wanted)
         return self._complete(out, lambda s: tuple(s), only=wanted)
 
     def row_dots(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -394,6 +379,32 @@ class Statistics:
                 device = ref.device if ref is not None else None
                 out[name] = torch.zeros(shape_of(shape), dtype=dtype, device=device)
         return out
+
+
+def weighted_layer_grads(plugin: LayerPlugin, module: nn.Module, calls: list[Call],
+                         params: dict[str, str], coefficients: dict[str, Tensor],
+                         out: dict[str, Tensor], wanted: Any = None) -> None:
+    """Add one module's ``Σ_r c_r g_r`` to ``out`` (parameter name → tensor).
+
+    ``params`` maps the module's local parameter names to global ones, ``coefficients``
+    global names to ``(R,)`` vectors; only names in ``wanted`` (default: all) are formed.
+    One plugin call per distinct coefficient vector, asking only for its parameters. Used by
+    :meth:`Statistics.weighted_grads` and by the optimizer's shared steps, which call it for
+    each call's ``Z`` as the backward pass produces it.
+    """
+    by_vector: dict[int, list[str]] = {}
+    for loc, name in params.items():
+        if wanted is None or name in wanted:
+            by_vector.setdefault(id(coefficients[name]), []).append(loc)
+    for locs in by_vector.values():
+        c = coefficients[params[locs[0]]].to(calls[0].grad_output.device)
+        if len(locs) == len(params):
+            grads = plugin.weighted_grads(module, calls, c)
+        else:
+            grads = plugin.weighted_grads(module, calls, c, params=locs)
+        for loc in locs:
+            name, g = params[loc], grads[loc]
+            out[name] = g if name not in out else out[name] + g
 
 
 class Source(abc.ABC):
