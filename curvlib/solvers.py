@@ -251,6 +251,25 @@ class InverseResult:
     damping: Tensor
 
 
+def _escalate(attempt: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], finite: Tensor,
+              ok: Tensor, damping: Tensor, result: Tensor, retries: int) -> None:
+    """Steps 2–3 of the recovery policy, in place on ``ok``, ``damping`` and ``result``: the
+    finite entries not yet ``ok`` are retried in float64 (``attempt(idx, damping)`` computes
+    them), then with the damping multiplied by 10, up to ``retries`` times."""
+    factor = 1.0
+    for _ in range(retries + 1):
+        pending = finite & ~ok
+        if not pending.any():
+            return
+        idx = pending.nonzero().flatten()
+        value, good = attempt(idx, damping[idx] * factor)
+        done = idx[good]
+        result[done] = value[good].to(result.dtype)
+        damping[done] = damping[done] * factor
+        ok[done] = True
+        factor *= 10.0
+
+
 def robust_inverse(solver: Solver, matrices: Tensor, damping: Tensor | float,
                    power: float = 1.0, previous: Tensor | Callable[[], Tensor] | None = None,
                    retries: int = 3) -> InverseResult:
@@ -280,19 +299,8 @@ def robust_inverse(solver: Solver, matrices: Tensor, damping: Tensor | float,
             result[idx] = inv.to(dtype)
             ok[idx] = good
     first_ok = ok.clone()
-    pending = finite & ~ok
-    attempt = 0
-    factor = 1.0
-    while pending.any() and attempt <= retries:
-        idx = pending.nonzero().flatten()
-        inv, good = solver.inverse_root(matrices[idx].double(), damping[idx] * factor, power)
-        done = idx[good]
-        result[done] = inv[good].to(dtype)
-        damping[done] = damping[done] * factor
-        ok[done] = True
-        pending = finite & ~ok
-        attempt += 1
-        factor *= 10.0
+    _escalate(lambda idx, eps: solver.inverse_root(matrices[idx].double(), eps, power),
+              finite, ok, damping, result, retries)
     kept = ~ok
     if kept.any():
         idx = kept.nonzero().flatten()
@@ -355,16 +363,6 @@ def robust_solve(solver: Solver, matrices: Tensor, damping: Tensor | float, rhs:
         result[idx[good]] = x[good]
         ok[idx[good]] = True
     first_ok = ok.clone()
-    pending = finite & ~ok
-    attempt, factor = 0, 1.0
-    while pending.any() and attempt <= retries:
-        idx = pending.nonzero().flatten()
-        x, good = solver.solve(matrices[idx].double(), damping[idx] * factor, rhs[idx].double())
-        done = idx[good]
-        result[done] = x[good].to(dtype)
-        damping[done] = damping[done] * factor
-        ok[done] = True
-        pending = finite & ~ok
-        attempt += 1
-        factor *= 10.0
+    _escalate(lambda idx, eps: solver.solve(matrices[idx].double(), eps, rhs[idx].double()),
+              finite, ok, damping, result, retries)
     return SolveResult(result, first_ok, ok & ~first_ok, ~ok, damping)

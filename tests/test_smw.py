@@ -304,3 +304,17 @@ def test_frobenius_damping_is_alpha_times_the_norm():
     got = curvlib.damping.Frobenius()(0.3, mats)
     expected = torch.tensor([0.3 * math.sqrt((m**2).sum().item()) for m in mats], dtype=F64)
     assert_close(got, expected, rtol=1e-14)
+
+
+def test_robust_solve_recovers_by_raising_the_damping():
+    """A matrix with eigenvalue −1e-3: damping 1e-4 and 1e-3 fail (not positive definite),
+    1e-2 succeeds; the solution is that of the dense damped system at the damping used."""
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0),
+                                       dtype=F64))
+    a = (q @ torch.diag(torch.tensor([-1e-3, 1.0, 2.0], dtype=F64)) @ q.T).unsqueeze(0)
+    rhs = torch.ones(1, 3, dtype=F64)
+    result = robust_solve(Cholesky(), a, 1e-4, rhs)
+    assert not result.ok.item() and result.recovered.item() and not result.failed.item()
+    assert result.damping.item() == pytest.approx(1e-2, rel=1e-12)
+    expected = torch.linalg.solve(a[0] + 1e-2 * torch.eye(3, dtype=F64), rhs[0])
+    assert_close(result.solution[0], expected, rtol=1e-10, what="recovered solve")
