@@ -159,7 +159,7 @@ def cpu_model() -> str:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
+    except OSError:  # no /proc (not Linux): fall back to what platform knows
         pass
     return platform.processor() or platform.machine()
 
@@ -228,7 +228,7 @@ def load_asdl() -> tuple[types.ModuleType | None, str]:
     try:
         from importlib.metadata import version as _version
         version = _version("asdfghjkl")
-    except Exception:
+    except Exception:  # the version is only a label in the metadata: "?" is fine
         pass
     return asdl, f"asdfghjkl {version} (nvtx no-op on CPU; Bernoulli MC Fisher added)"
 

@@ -525,7 +525,7 @@ def plot(results: dict, path: pathlib.Path, meta: dict, epochs: int) -> None:
         with Image.open(path) as im:
             small = im.convert("RGB").quantize(colors=256)
         small.save(path, optimize=True)
-    except Exception:
+    except Exception:  # Pillow missing or failing: keep matplotlib's full-colour PNG
         pass
 
 

@@ -120,6 +120,9 @@ class Structure:
         return True
 
     # -- vector structures ----------------------------------------------------------------------
+    # The defaults below raise on purpose: a vector structure overrides all four, and a batch
+    # structure never has them called (the optimizer takes the batch path), so reaching one
+    # means a structure declared the wrong ``preconditions``.
 
     def init_state(self, param: nn.Parameter) -> dict[str, Any]:
         """The initial per-parameter state (tensors on the parameter's device)."""
@@ -152,6 +155,7 @@ class Structure:
     def gradient(self, context: BatchContext, data: Any, curvature: Any) -> dict[str, Tensor]:
         """Covered parameter name → preconditioned gradient, from the data pass ``data`` and
         (when planned) the source's statistics ``curvature``."""
+        # raises on purpose: every batch structure overrides it (see the note above)
         raise NotImplementedError(f"{type(self).__name__} is not a batch structure")
 
     def commit(self, context: BatchContext) -> None:
