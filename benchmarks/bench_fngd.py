@@ -190,6 +190,23 @@ def stored_coefficients(opt) -> dict[str, Tensor]:
     return opt.structure_state["positions"][0]["coefficients"]
 
 
+Record = tuple[str, nn.Module, Tensor, Tensor]
+
+
+def _backward_to_outputs(model: nn.Sequential, x: Tensor, y: Tensor
+                         ) -> tuple[list[Record], tuple[Tensor, ...]]:
+    """Forward keeping each parameterised layer's ``(name, module, X, Y)``, then
+    ``autograd.grad`` of the summed cross-entropy to the ``Y`` (no parameter gradient)."""
+    h, records = x, []
+    for name, m in model.named_children():
+        out = m(h)
+        if _has_params(m):
+            records.append((name, m, h.detach(), out))
+        h = out
+    losses = F.cross_entropy(h, y, reduction="none")
+    return records, torch.autograd.grad(losses.sum(), [r[3] for r in records])
+
+
 class BareShared:
     """A shared FNGD step written with plain torch calls (per-layer or one model block).
 
@@ -215,14 +232,7 @@ class BareShared:
             losses = F.cross_entropy(self.model(self.x), self.y, reduction="none")
             (losses * self.c).sum().backward()
             return
-        h, records = self.x, []
-        for name, m in self.model.named_children():
-            out = m(h)
-            if _has_params(m):
-                records.append((name, m, h.detach(), out))
-            h = out
-        losses = F.cross_entropy(h, self.y, reduction="none")
-        zs = torch.autograd.grad(losses.sum(), [r[3] for r in records])
+        records, zs = _backward_to_outputs(self.model, self.x, self.y)
         for (name, m, x, _), z in zip(records, zs, strict=True):
             c = self.c[name]
             if isinstance(m, nn.Linear):
@@ -265,14 +275,7 @@ class BareRefresh:
         self.coefficients: dict[str, Tensor] = {}
 
     def grads(self) -> None:
-        h, records = self.x, []
-        for name, m in self.model.named_children():
-            out = m(h)
-            if _has_params(m):
-                records.append((name, m, h.detach(), out))
-            h = out
-        losses = F.cross_entropy(h, self.y, reduction="none")
-        zs = torch.autograd.grad(losses.sum(), [r[3] for r in records])
+        records, zs = _backward_to_outputs(self.model, self.x, self.y)
         grams, per_sample = [], {}
         for (name, m, x, _), z in zip(records, zs, strict=True):
             if isinstance(m, nn.Linear):

@@ -365,8 +365,9 @@ def _half_setup(dtype):
     return model, x, y
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_curvature_state_of_a_half_precision_model_stays_float32_after_loading(dtype):
+def _trained_and_reloaded(dtype):
+    """A half-precision model after three TNT steps on one batch, that batch, and a fresh
+    copy loaded from the optimizer's state."""
     model, x, y = _half_setup(dtype)
     opt = curvlib.TNT(model, "categorical", lr=0.05, damping=0.1,
                       generator=torch.Generator().manual_seed(0))
@@ -374,6 +375,12 @@ def test_curvature_state_of_a_half_precision_model_stays_float32_after_loading(d
     fresh = copy.deepcopy(model)
     fresh_opt = curvlib.TNT(fresh, "categorical", lr=0.05, damping=0.1)
     fresh_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    return model, (x, y), opt, fresh, fresh_opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_curvature_state_of_a_half_precision_model_stays_float32_after_loading(dtype):
+    model, _, opt, fresh, fresh_opt = _trained_and_reloaded(dtype)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         state = fresh_opt.state[q]
         factors = [k for k in state if k.startswith(("tnt_H", "tnt_inv"))]
@@ -386,13 +393,7 @@ def test_curvature_state_of_a_half_precision_model_stays_float32_after_loading(d
 
 
 def test_half_precision_state_round_trip_is_bit_identical():
-    model, x, y = _half_setup(torch.bfloat16)
-    opt = curvlib.TNT(model, "categorical", lr=0.05, damping=0.1,
-                      generator=torch.Generator().manual_seed(0))
-    _train(opt, model, [(x, y)] * 3)
-    fresh = copy.deepcopy(model)
-    fresh_opt = curvlib.TNT(fresh, "categorical", lr=0.05, damping=0.1)
-    fresh_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    model, (x, y), opt, fresh, fresh_opt = _trained_and_reloaded(torch.bfloat16)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         for key, value in opt.state[p].items():
             assert torch.equal(fresh_opt.state[q][key], value), key
