@@ -43,6 +43,35 @@ def autoencoder(widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def bare_tnt_ema(grads: dict[str, Tensor], factors: dict[str, list[Tensor]], ema: float) -> None:
+    """TNT's EMA of the mode statistics of 1-D/2-D parameters, written with plain torch:
+    ``H_0 ← ema·H_0 + (1−ema)·G Gᵀ`` (and ``Gᵀ G`` for ``H_1``) from each first draw ``G``;
+    non-finite draws are skipped, as curvlib does."""
+    for n, g in grads.items():
+        m = g[0]
+        if not torch.isfinite(m).all():
+            continue
+        hs = factors[n]
+        if m.dim() == 2:
+            hs[0].addmm_(m, m.T, beta=ema, alpha=1 - ema)
+            hs[1].addmm_(m.T, m, beta=ema, alpha=1 - ema)
+        else:
+            hs[0].addr_(m, m, beta=ema, alpha=1 - ema)
+
+
+def bare_tnt_direction(items) -> list[Tensor]:
+    """``A⁻¹ M B⁻ᵀ`` (2-D) or ``A⁻¹ m`` (1-D) for each ``(name, param, state)`` item, from
+    the inverses in its TNT state: the direction with plain torch, to time against curvlib's."""
+    out = []
+    for _, p, st in items:
+        m = st["momentum_buffer"]
+        if p.dim() == 2:
+            out.append(torch.mm(torch.mm(st["tnt_inv0"], m), st["tnt_inv1"].T))
+        else:
+            out.append(torch.mv(st["tnt_inv0"], m))
+    return out
+
+
 def rel_diff(a: Tensor, b: Tensor) -> float:
     """``‖a − b‖ / ‖b‖`` in float64."""
     a, b = a.double(), b.double()

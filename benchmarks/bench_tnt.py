@@ -61,6 +61,7 @@ from _common import (
     asdl_kfac,
     asdl_step,
     autoencoder,
+    bare_tnt_direction,
     interleave,
     load_asdl,
     loadavg,
@@ -248,14 +249,7 @@ class Parts:
         return out
 
     def bare_direction(self) -> list[Tensor]:
-        out = []
-        for _, p, st in self.items:
-            m = st["momentum_buffer"]
-            if p.dim() == 2:
-                out.append(torch.mm(torch.mm(st["tnt_inv0"], m), st["tnt_inv1"].T))
-            else:
-                out.append(torch.mv(st["tnt_inv0"], m))
-        return out
+        return bare_tnt_direction(self.items)
 
     # -- checks ---------------------------------------------------------------------------
 

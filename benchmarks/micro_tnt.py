@@ -56,7 +56,16 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Timed, autoencoder, interleave, loadavg, metadata, rel_diff
+from _common import (
+    Timed,
+    autoencoder,
+    bare_tnt_direction,
+    bare_tnt_ema,
+    interleave,
+    loadavg,
+    metadata,
+    rel_diff,
+)
 
 import curvlib
 from curvlib.solvers import robust_inverse
@@ -139,16 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         structure.update(b_items, stats, ema=EMA)
 
     def ema_after():
-        for n, g in grads.items():
-            m = g[0]
-            if not torch.isfinite(m).all():
-                continue
-            hs = h_after[n]
-            if m.dim() == 2:
-                hs[0].addmm_(m, m.T, beta=EMA, alpha=1 - EMA)
-                hs[1].addmm_(m.T, m, beta=EMA, alpha=1 - EMA)
-            else:
-                hs[0].addr_(m, m, beta=EMA, alpha=1 - EMA)
+        bare_tnt_ema(grads, h_after, EMA)
 
     # one step of each from equal states, for the check
     ema_before()
@@ -185,14 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return [structure.direction(p, st, st["momentum_buffer"]) for _, p, st in items]
 
     def dir_after():
-        res = []
-        for _, p, st in items:
-            m = st["momentum_buffer"]
-            if p.dim() == 2:
-                res.append(torch.mm(torch.mm(st["tnt_inv0"], m), st["tnt_inv1"].T))
-            else:
-                res.append(torch.mv(st["tnt_inv0"], m))
-        return res
+        return bare_tnt_direction(items)
 
     check = max(rel_diff(a_, b_) for a_, b_ in zip(dir_after(), dir_before(), strict=True))
     pairs.append(("D direction (all tensors)",
@@ -319,22 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _, p, st in s_items]
 
     def small_after():
-        for n, g in s_grads.items():
-            m = g[0]
-            if not torch.isfinite(m).all():
-                continue
-            hs = s_h[n]
-            if m.dim() == 2:
-                hs[0].addmm_(m, m.T, beta=EMA, alpha=1 - EMA)
-                hs[1].addmm_(m.T, m, beta=EMA, alpha=1 - EMA)
-            else:
-                hs[0].addr_(m, m, beta=EMA, alpha=1 - EMA)
-        res = []
-        for _, p, st in s_items:
-            m = st["momentum_buffer"]
-            res.append(torch.mm(torch.mm(st["tnt_inv0"], m), st["tnt_inv1"].T) if p.dim() == 2
-                       else torch.mv(st["tnt_inv0"], m))
-        return res
+        bare_tnt_ema(s_grads, s_h, EMA)
+        return bare_tnt_direction(s_items)
 
     small_sgd_model = autoencoder(SMALL)
     small_sgd = torch.optim.SGD(small_sgd_model.parameters(), lr=0.0, momentum=0.9)
