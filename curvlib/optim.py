@@ -127,6 +127,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if id(p) not in self._owner_names:
                     self._owner_names[id(p)] = mname
                     owner_modules.setdefault(mname, module)
+        self._owner_modules = owner_modules
         self._batch = structure.preconditions == "batch"
         #: State of batch structures (e.g. stored coefficients), saved in ``state_dict``.
         self.structure_state: dict[str, Any] = {}
@@ -312,7 +313,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _items(self, group: dict) -> list[tuple[str, nn.Parameter, dict]]:
         items = []
         for p in group["params"]:
-            if not self.structure.covers(p):
+            if not self.structure.covers(p, self._owner_modules[self._owner_names[id(p)]]):
                 continue
             state = self.state[p]
             if "structure" not in state:

@@ -759,3 +759,24 @@ def test_a_diverged_model_does_not_crash_the_statistics_step(likelihood):
     opt.backward(model(x), y)
     opt.step()
     assert opt.state[model.bias]["tnt_updates"] == 0  # the non-finite statistics were skipped
+
+
+def test_covers_receives_the_module_that_owns_the_parameter():
+    """Vector structures get the owner too: here only Linear parameters are covered, the
+    convolution's fall back to SGD with momentum (no structure state)."""
+    seen = []
+
+    class OnlyLinear(TensorNormal):
+        def covers(self, param, owner=None):
+            seen.append(type(owner))
+            return isinstance(owner, nn.Linear)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(4, 2)).to(F64)
+    x, y = torch.randn(3, 1, 3, dtype=F64), torch.randint(0, 2, (3,))
+    opt = curvlib.assemble(model, "categorical", source="true_fisher", structure=OnlyLinear(),
+                           lr=0.1, damping=1.0, generator=torch.Generator().manual_seed(0))
+    _train(opt, model, [(x, y)])
+    assert set(seen) == {nn.Conv1d, nn.Linear}
+    assert all("tnt_H0" not in opt.state[p] for p in model[0].parameters())
+    assert all("tnt_H0" in opt.state[p] for p in model[2].parameters())
