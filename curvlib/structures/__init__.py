@@ -6,11 +6,13 @@ Woodbury, FNGD) and ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficie
 """
 
 from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
+from curvlib.structures.kfac import KFAC
 from curvlib.structures.sharing import CoefficientSharing
 from curvlib.structures.smw import SMW
 from curvlib.structures.tensor_normal import TensorNormal, mode_statistics, normalise
 
 __all__ = [
+    "KFAC",
     "SMW",
     "BatchContext",
     "CoefficientSharing",
