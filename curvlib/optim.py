@@ -112,8 +112,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"does not provide (it provides {sorted(source.provides)}); sources that "
                 f"would: {_providers(structure.needs)}"
             )
-        if not solver.supports(1.0):
-            raise CompatibilityError(f"solver {solver!r} cannot compute inverses (power 1)")
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        covered = [p for p in trainable if structure.covers(p, _owner_of(model, p))]
+        unsupported = sorted(p for p in structure.solver_powers(covered)
+                             if not solver.supports(p))
+        if unsupported:
+            raise CompatibilityError(
+                f"structure {structure!r} needs (A + εI)^(-1/p) for p in {unsupported}, which "
+                f"solver {solver!r} does not compute; solvers that do: "
+                f"{_solvers_for(unsupported)}"
+            )
         structure.check_source(source)
         self._names = {id(p): n for n, p in model.named_parameters()}
         for group in self.param_groups:
@@ -376,9 +384,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(bufs, grads)
             if not params:
                 continue
-            directions = [
-                self.structure.direction(p, self.state[p], self.state[p]["momentum_buffer"])
-                if id(p) in covered else self.state[p]["momentum_buffer"] for p in params]
+            directions = [self.state[p]["momentum_buffer"] for p in params]
+            mapped = [i for i, p in enumerate(params) if id(p) in covered]
+            if mapped:
+                by_id = {id(p): item for item in items for p in (item[1],)}
+                found = self.structure.directions(
+                    [by_id[id(params[i])] for i in mapped], [directions[i] for i in mapped])
+                for i, d in zip(mapped, found, strict=True):
+                    directions[i] = d
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, directions, alpha=-lr)
@@ -498,6 +511,29 @@ def _copy_tree(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_copy_tree(v) for v in value)
     return value
+
+
+def _owner_of(model: nn.Module, param: nn.Parameter) -> nn.Module | None:
+    """The first module (in ``named_modules`` order) that owns ``param`` directly."""
+    for module in model.modules():
+        if any(q is param for q in module.parameters(recurse=False)):
+            return module
+    return None
+
+
+def _solvers_for(powers: list[float]) -> str:
+    """Registered solvers (default options) that support every power in ``powers``."""
+    from curvlib.registry import registrations
+
+    found = []
+    for reg in registrations("solver"):
+        try:
+            candidate = reg.obj()
+        except Exception:  # a solver that needs arguments: skip it in the hint
+            continue
+        if all(candidate.supports(p) for p in powers):
+            found.append(repr(reg.name))
+    return ", ".join(found) or "none registered"
 
 
 def _providers(needs: frozenset[str]) -> str:

@@ -78,6 +78,11 @@ class Solver(abc.ABC):
         solution = (inverse @ rhs.unsqueeze(-1)).squeeze(-1)
         return solution, ok & _finite(solution)
 
+    @classmethod
+    def examples(cls) -> list[Solver]:
+        """Configured instances the composition-matrix test assembles (default: one)."""
+        return [cls()]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

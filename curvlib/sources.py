@@ -447,6 +447,12 @@ class Source(abc.ABC):
     ) -> Statistics:
         """Statistics of one batch (see the class docstring)."""
 
+    @classmethod
+    def examples(cls) -> list[Source]:
+        """Configured instances the composition-matrix test assembles with every registered
+        structure and solver (default: the default configuration)."""
+        return [cls()]
+
     @property
     def shares_data_pass(self) -> bool:
         """Whether :meth:`from_data_pass` gives this source's statistics (default: no)."""
@@ -725,6 +731,11 @@ class TrueFisher(_OutputGradientSource):
                           loss, {n: p.shape for n, p in named.items()}, list(draws),
                           _batch_grads=batch)
 
+    @classmethod
+    def examples(cls) -> list[Source]:
+        """TNT's batch mode, and two draws per sample with per-sample gradients."""
+        return [cls(), cls(num_samples=2, per_sample=True)]
+
     def __repr__(self) -> str:
         return f"TrueFisher(num_samples={self.num_samples}, per_sample={self.per_sample})"
 
@@ -761,6 +772,11 @@ class GramSource(_OutputGradientSource):
 
     def __init__(self, targets: Literal["data", "sampled"] = "data", num_samples: int = 1):
         super().__init__(targets=targets, num_samples=num_samples)
+
+    @classmethod
+    def examples(cls) -> list[Source]:
+        """Data targets (FNGD) and sampled targets (the true Fisher's low-rank form)."""
+        return [cls(), cls(targets="sampled")]
 
     def __repr__(self) -> str:
         return f"GramSource(targets={self.targets!r}, num_samples={self.num_samples})"

@@ -1,14 +1,16 @@
 """The assembled optimizer against an independent float64 implementation of TNT.
 
 The reference below (:class:`PaperTNT`) is written from the paper (Algorithm 1, eqs. (3)–(5))
-and curvlib's documented choices (docs/tnt.md): mode statistics ``mat_i(G) mat_i(G)ᵀ``
-averaged over the draws; ``H = S`` at the first statistics step, then
-``H ← ema·H + (1 − ema)·S``; eq. (5) normalisation; damping added to each normalised factor;
-dense inverses by ``torch.linalg.inv`` and their Kronecker product (``torch.kron``) applied to
-``vec(m)``; momentum ``m ← μm + g`` before preconditioning; decoupled weight decay
-``W ← W − lr·(p + wd·W)``; statistics at ``t % T1 == 0``, inverses at ``t % T2 == 0`` and at
-every statistics step while ``t < T2``. Gradients come from :mod:`curvlib.testing.oracles`
-(per-sample ``torch.func``), not from the optimizer's own backward pass.
+and curvlib's documented choices (docs/tnt.md), its factor formulas shared with the
+composition matrix's reference (:mod:`curvlib.testing.reference.tensor_normal`): mode
+statistics ``mat_i(G) mat_i(G)ᵀ`` averaged over the draws; ``H = S`` at the first statistics
+step, then ``H ← ema·H + (1 − ema)·S``; eq. (5) normalisation; damping added to each
+normalised factor; dense inverses by ``torch.linalg.inv`` and their Kronecker product
+(``torch.kron``) applied to ``vec(m)``; momentum ``m ← μm + g`` before preconditioning;
+decoupled weight decay ``W ← W − lr·(p + wd·W)``; statistics at ``t % T1 == 0``, inverses at
+``t % T2 == 0`` and at every statistics step while ``t < T2``. Gradients come from
+:mod:`curvlib.testing.oracles` (per-sample ``torch.func``), not from the optimizer's own
+backward pass.
 
 Everything is float64 and compared at 1e-10 relative: the factors are inverted one at a time
 by both sides (never as one dense Kronecker solve), so round-off stays near ``Σ_i κ_i u``.
@@ -16,7 +18,6 @@ by both sides (never as one dense Kronecker solve), so round-off stays near ``Σ
 
 import copy
 import io
-import math
 
 import pytest
 import torch
@@ -32,25 +33,15 @@ from curvlib.sources import Source, TrueFisher
 from curvlib.structures import TensorNormal
 from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
+from curvlib.testing.reference.tensor_normal import kron_apply, mode_statistic, normalised
+from curvlib.testing.reference.tensor_normal import tnt_dims as _tnt_dims
+from curvlib.testing.reference.tensor_normal import unfold as _unfold
 from curvlib.testing.strategies import ModelSpec, make_targets, problems, seeds
 
 F64 = torch.float64
 
 
 # -- the independent reference --------------------------------------------------------------------
-
-
-def _tnt_dims(shape, reshape="out_in_kernel"):
-    shape = tuple(shape)
-    if len(shape) == 4 and reshape == "out_in_kernel":
-        return (shape[0], shape[1], shape[2] * shape[3])
-    if len(shape) == 4 and reshape == "out_rest":
-        return (shape[0], shape[1] * shape[2] * shape[3])
-    return shape
-
-
-def _unfold(g, i):
-    return g.movedim(i, 0).reshape(g.shape[i], -1)
 
 
 class PaperTNT:
@@ -79,8 +70,7 @@ class PaperTNT:
             updated = False
             if covered and sampled is not None and self.statistics_due(t, name):
                 g = sampled[name].reshape(-1, *dims)
-                stats = [sum(_unfold(gs, i) @ _unfold(gs, i).T for gs in g) / g.shape[0]
-                         for i in range(len(dims))]
+                stats = [mode_statistic(g, i) for i in range(len(dims))]
                 if self.updates[name] == 0:
                     self.H[name] = stats
                 else:
@@ -90,24 +80,15 @@ class PaperTNT:
                 updated = True
             t2 = h["inverse_every"]
             if covered and self.updates[name] and (t % t2 == 0 or (updated and t < t2)):
-                k = len(dims)
-                c0 = (torch.trace(self.H[name][0]) / math.prod(dims)) ** (1.0 / k)  # eq. (5)
-                self.inv[name] = []
-                for i, hi in enumerate(self.H[name]):
-                    others = math.prod(d for j, d in enumerate(dims) if j != i)
-                    # tr H = 0 (no gradient, e.g. a dead ReLU): eq. (5) is 0/0; its limit
-                    # as tr H → 0 is Ũ_i = 0 (mean eigenvalue c0 → 0)
-                    u = hi / (c0 ** (k - 1) * others) if c0 > 0 else torch.zeros_like(hi)
-                    eye = torch.eye(dims[i], dtype=F64)
-                    self.inv[name].append(torch.linalg.inv(u + h["damping"] * eye))
+                # eq. (5); tr H = 0 (no gradient, e.g. a dead ReLU) gives its limit Ũ_i = 0
+                self.inv[name] = [torch.linalg.inv(u + h["damping"] * torch.eye(d, dtype=F64))
+                                  for u, d in zip(normalised(self.H[name], dims), dims,
+                                                  strict=True)]
             grad = grads[name].reshape(w.shape)
             m = grad.clone() if name not in self.buf else h["momentum"] * self.buf[name] + grad
             self.buf[name] = m
             if covered and name in self.inv:
-                kron = self.inv[name][0]
-                for a in self.inv[name][1:]:
-                    kron = torch.kron(kron, a)
-                direction = (kron @ m.reshape(-1)).reshape(w.shape)
+                direction = kron_apply(self.inv[name], m, dims).reshape(w.shape)
             else:
                 direction = m  # the fallback (and identity inverses before any statistics)
             self.params[name] = w - h["lr"] * (direction + h["weight_decay"] * w)
@@ -603,7 +584,7 @@ def test_a_structure_needing_missing_statistics_is_incompatible():
     with pytest.raises(CompatibilityError, match="batch_grads") as info:
         curvlib.assemble(model, "categorical", source=GramOnly(), structure="tensor_normal")
     assert isinstance(info.value, ValueError)
-    with pytest.raises(CompatibilityError, match="power 1"):
+    with pytest.raises(CompatibilityError, match=r"p in \[1.0\].*solvers that do: 'cholesky'"):
         curvlib.assemble(model, "categorical", source="true_fisher", structure="tensor_normal",
                          solver=SquareRootsOnly())
 
@@ -635,10 +616,7 @@ def test_warm_start_sets_the_mean_statistics_and_the_inverses():
             mean = sum(stats) / 3
             means[name].append(mean)
             assert_close(state[f"tnt_H{i}"], mean, what=f"{name}: warm-start H{i}")
-        k = len(dims)
-        c0 = (torch.trace(means[name][0]) / math.prod(dims)) ** (1 / k)
-        for i, h in enumerate(means[name]):
-            u = h / (c0 ** (k - 1) * math.prod(d for j, d in enumerate(dims) if j != i))
+        for i, u in enumerate(normalised(means[name], dims)):
             assert_close(state[f"tnt_inv{i}"],
                          torch.linalg.inv(u + 0.2 * torch.eye(dims[i], dtype=F64)),
                          what=f"{name}: inverse {i} after the warm start")

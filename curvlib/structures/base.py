@@ -142,6 +142,44 @@ class Structure:
         """The preconditioned direction for ``vector`` (parameter-shaped)."""
         raise NotImplementedError(f"{type(self).__name__} preconditions batches, not vectors")
 
+    def directions(self, items: list[tuple[str, nn.Parameter, dict[str, Any]]],
+                   vectors: list[Tensor]) -> list[Tensor]:
+        """Directions for several covered parameters of one param group at once.
+
+        ``items`` are ``(name, param, state)`` and ``vectors`` their momenta, in the same
+        order. The optimizer calls this once per param group. The default maps each
+        parameter by :meth:`direction`; structures whose blocks span several tensors (a
+        layer's weight and bias in ``kfac`` or ``dense``) override it.
+        """
+        return [self.direction(p, state, v)
+                for (_, p, state), v in zip(items, vectors, strict=True)]
+
+    def solver_powers(self, params: list[nn.Parameter]) -> set[float]:
+        """The powers ``p`` this structure asks the solver for (``(A + εI)^{-1/p}``) when it
+        covers ``params``; the optimizer refuses a solver that lacks one. Default ``{1.0}``
+        (inverses); a structure that uses no solver returns an empty set."""
+        return {1.0}
+
+    def curvature_blocks(self, items: list[tuple[str, nn.Parameter, dict[str, Any]]]
+                         ) -> dict[tuple[str, ...], Tensor]:
+        """The current undamped curvature approximation as dense float64 matrices.
+
+        Keys are blocks (tuples of parameter names); rows and columns run over each
+        parameter flattened row-major, concatenated in the key's order (the order of
+        :mod:`curvlib.testing.oracles`). Meant for small models: see
+        :mod:`curvlib.diagnostics`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose its curvature as dense blocks")
+
+    # -- composition ----------------------------------------------------------------------------
+
+    @classmethod
+    def examples(cls) -> list[Structure]:
+        """Configured instances the composition-matrix test assembles with every registered
+        source and solver (default: the default configuration)."""
+        return [cls()]
+
     # -- batch structures -----------------------------------------------------------------------
 
     def check_source(self, source: Any) -> None:

@@ -98,6 +98,12 @@ class CoefficientSharing(Structure):
         self.refresh_every = None if refresh_every is None else int(refresh_every)
         self.size_mismatch = size_mismatch
 
+    @classmethod
+    def examples(cls) -> list[Structure]:
+        """Per-layer coefficients keyed by position over two-batch epochs, and one vector
+        for the whole model."""
+        return [cls(steps_per_epoch=2), cls(steps_per_epoch=2, blocks="model")]
+
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         """What the inner structure needs."""

@@ -80,6 +80,13 @@ class SMW(Structure):
             raise ValueError(f"cover must be 'registered' or 'all', got {cover!r}")
         self.blocks, self.scale, self.cover = blocks, scale, cover
 
+    @classmethod
+    def examples(cls) -> list[Structure]:
+        """The paper's configuration, and per-tensor blocks over every parameter (the natural
+        scale is left to ``tests/test_smw.py``: with ``λ = α‖UᵀU‖_F`` its steps grow as
+        ``1/‖g‖``, which three steps at a fixed learning rate do not survive)."""
+        return [cls(), cls(blocks="tensor", cover="all")]
+
     def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """With ``cover="registered"``: parameters of modules a registered plugin handles."""
         if self.cover == "all" or owner is None:

@@ -1,0 +1,312 @@
+r"""Dense float64 references of whole optimizer steps, for the composition-matrix test.
+
+A *reference structure* restates, from the definitions, the formula a registered structure
+claims: dense matrices, :func:`torch.linalg.inv`, :func:`torch.linalg.eigh`, :func:`torch.kron`
+— never the component it checks (each lives in its own module here and imports only the
+oracles, the likelihoods and this base). :class:`ReferenceOptimizer` drives one through the
+optimizer's documented schedule (statistics every ``stat_every`` steps with an EMA, inverses
+every ``inverse_every``, heavy-ball momentum, decoupled weight decay), with statistics from
+:mod:`curvlib.testing.oracles` (per-sample gradients by :mod:`torch.func`).
+
+Plugins that register a structure can register its reference with
+:func:`register_reference`; the composition-matrix test requires one for every registered
+structure.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.likelihoods import as_likelihood
+from curvlib.testing import oracles
+
+__all__ = [
+    "ReferenceOptimizer",
+    "ReferenceStatistics",
+    "ReferenceStructure",
+    "reference_for",
+    "register_reference",
+]
+
+F64 = torch.float64
+_REFERENCES: dict[str, type[ReferenceStructure]] = {}
+
+
+def register_reference(name: str) -> Callable[[type[ReferenceStructure]],
+                                              type[ReferenceStructure]]:
+    """Class decorator: the reference of the structure registered as ``name``."""
+
+    def decorate(cls: type[ReferenceStructure]) -> type[ReferenceStructure]:
+        _REFERENCES[name] = cls
+        return cls
+
+    return decorate
+
+
+def reference_for(name: str) -> type[ReferenceStructure]:
+    """The reference registered for structure ``name`` (``LookupError`` naming those that
+    exist if there is none)."""
+    _load_builtin()
+    if name not in _REFERENCES:
+        raise LookupError(
+            f"no dense reference for structure {name!r}; references exist for "
+            f"{sorted(_REFERENCES)}. Register one with "
+            f"curvlib.testing.reference.register_reference({name!r})"
+        )
+    return _REFERENCES[name]
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def split(flat: Tensor, names: list[str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """A flat ``(..., P)`` tensor (oracle order) as ``name → (..., *shape)``."""
+    out, start = {}, 0
+    for name in names:
+        size = int(torch.Size(shapes[name]).numel())
+        out[name] = flat[..., start:start + size].reshape(*flat.shape[:-1], *shapes[name])
+        start += size
+    return out
+
+
+class ReferenceStatistics:
+    """One statistics step's raw quantities, float64, from the definitions.
+
+    Attributes:
+        model: a float64 copy of the model at the step's parameters.
+        likelihood: the likelihood object.
+        inputs: the batch's inputs (float64).
+        draws: the ``S`` target tensors the source uses: ``[targets]`` for data targets,
+            ``S`` targets sampled from the model's predictive distribution otherwise.
+        sampled: whether the targets were sampled.
+        names: trainable parameter names in model order; ``shapes`` their shapes.
+    """
+
+    def __init__(self, model: nn.Module, likelihood: Any, inputs: Tensor, draws: list[Tensor],
+                 sampled: bool):
+        self.model = model
+        self.likelihood = as_likelihood(likelihood)
+        self.inputs = inputs.to(F64) if inputs.is_floating_point() else inputs
+        self.draws = draws
+        self.sampled = sampled
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        self._rows: dict[str, Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """``N``."""
+        return int(self.inputs.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        """``S``, the number of target draws."""
+        return len(self.draws)
+
+    def rows(self) -> dict[str, Tensor]:
+        """``name → (S·N, *shape)``: per-sample gradients ``∂ℓ_n/∂θ`` (not divided by N),
+        draw-major."""
+        if self._rows is None:
+            flat = torch.cat([oracles.per_sample_grads(self.model, self.likelihood, self.inputs, y)
+                              for y in self.draws])
+            self._rows = split(flat, self.names, self.shapes)
+        return self._rows
+
+    def batch(self) -> dict[str, Tensor]:
+        """``name → (S, *shape)``: each draw's gradient of the mean loss."""
+        n = self.batch_size
+        return {name: r.reshape(self.num_samples, n, *r.shape[1:]).mean(1)
+                for name, r in self.rows().items()}
+
+    def layer_records(self, module_name: str) -> list[tuple[Tensor, list[Tensor]]]:
+        """For each call of module ``module_name`` in the forward pass: its input ``X``
+        (first positional argument, float64) and, per draw, ``Z = ∂(Σ_n ℓ_n)/∂output`` —
+        from forward hooks on the float64 copy and :func:`torch.autograd.grad`, one backward
+        per draw."""
+        module = dict(self.model.named_modules())[module_name]
+        records: list[tuple[Tensor, Tensor]] = []
+
+        def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
+            records.append((args[0].detach(), output))
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                outputs = self.model(self.inputs)
+                zs = [torch.autograd.grad(self.likelihood.loss(outputs, y).sum(),
+                                          [o for _, o in records], retain_graph=True)
+                      for y in self.draws]
+        finally:
+            handle.remove()
+        return [(x, [z[i] for z in zs]) for i, (x, _) in enumerate(records)]
+
+
+class ReferenceStructure:
+    """Base of references: the dense formula one structure claims.
+
+    Args:
+        structure: the configured component (read its public options only).
+        model: the float64 model (its parameters give names, shapes and owners).
+        names: the trainable parameter names the optimizer optimizes.
+    """
+
+    #: ``"vector"`` (``update``/``refresh``/``direction``) or ``"batch"`` (``precondition``).
+    preconditions = "vector"
+
+    def __init__(self, structure: Any, model: nn.Module, names: list[str]):
+        self.structure = structure
+        self.model = model
+        self.names = list(names)
+        self.shapes = {n: p.shape for n, p in model.named_parameters() if n in self.names}
+        owners: dict[str, str] = {}
+        for mname, module in model.named_modules():
+            for local, _ in module.named_parameters(recurse=False):
+                full = f"{mname}.{local}" if mname else local
+                owners.setdefault(full, mname)
+        self.owners = owners
+        self.modules = dict(model.named_modules())
+
+    def covers(self, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
+        """Whether the structure preconditions this parameter (default: every tensor)."""
+        return param.dim() >= 1
+
+    def update(self, stats: ReferenceStatistics, ema: float) -> None:
+        """Fold one statistics step in (first sets, then ``ema·H + (1 − ema)·S``)."""
+        raise NotImplementedError
+
+    def refresh(self, damping: float) -> None:
+        """Recompute the damped inverses with damping hyperparameter ``damping``."""
+        raise NotImplementedError
+
+    def direction(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Directions for the covered parameters' momenta (identity before any
+        statistics)."""
+        raise NotImplementedError
+
+    def precondition(self, step: int, data: ReferenceStatistics,
+                     curvature: Callable[[], ReferenceStatistics], damping: float
+                     ) -> dict[str, Tensor]:
+        """Batch structures: the covered parameters' preconditioned gradient at step
+        ``step``, from the data's statistics and, if the step needs them, ``curvature()``
+        (the source's statistics; call it only on steps where the structure draws them, so
+        that sampled targets are drawn in the optimizer's order)."""
+        raise NotImplementedError
+
+
+def ema_update(old: Tensor | None, new: Tensor, ema: float) -> Tensor:
+    """``new`` at the first update, then ``ema·old + (1 − ema)·new``."""
+    return new.clone() if old is None else ema * old + (1 - ema) * new
+
+
+class ReferenceOptimizer:
+    """The optimizer's documented step, in float64, around a reference structure.
+
+    Statistics at steps ``t`` with ``t % stat_every == 0`` (vector structures); inverses at
+    ``t % inverse_every == 0`` and at every statistics step while ``t < inverse_every``;
+    ``m ← μ m + g`` (``m = g`` at the first step) with ``g`` the mean gradient from
+    :func:`curvlib.testing.oracles.gradient` — or, for batch structures, the preconditioned
+    gradient; ``θ ← θ − lr·(d + wd·θ)`` with ``d`` the direction for ``m`` (``m`` itself for
+    parameters the structure does not cover).
+
+    Args:
+        model: the model (a float64 copy is made; the original is not touched).
+        likelihood: the likelihood.
+        source: the configured source; its public ``targets`` (``"data"``/``"sampled"``) and
+            ``num_samples`` say which targets its statistics use.
+        structure: the configured structure (its registered ``name`` picks the reference).
+        damping_rule: the damping rule's registered name (the reference of a batch structure
+            restates it; vector structures are checked with ``"constant"``).
+        generator: a generator in the same state as the optimizer's (sampled targets are
+            drawn in the same order).
+        hyper: ``lr``, ``damping``, ``momentum``, ``weight_decay``, ``ema``, ``stat_every``,
+            ``inverse_every``.
+    """
+
+    def __init__(self, model: nn.Module, likelihood: Any, source: Any, structure: Any, *,
+                 damping_rule: str, generator: torch.Generator | None, lr: float,
+                 damping: float, momentum: float, weight_decay: float = 0.0, ema: float = 0.9,
+                 stat_every: int = 1, inverse_every: int = 20):
+        self.model = copy.deepcopy(model).to(F64)
+        self.likelihood = as_likelihood(likelihood)
+        self.targets = getattr(source, "targets", None)
+        if self.targets not in ("data", "sampled"):
+            raise LookupError(f"no reference for source {source!r}: it must say whether its "
+                              f"statistics use the data's targets or sampled ones (.targets)")
+        self.num_samples = int(getattr(source, "num_samples", 1))
+        self.generator = generator
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.ref = reference_for(structure.name)(structure, self.model, self.names)
+        self.ref.damping_rule = damping_rule
+        modules = dict(self.model.named_modules())
+        params = dict(self.model.named_parameters())
+        self.covered = {n for n in self.names
+                        if self.ref.covers(n, params[n], modules[self.ref.owners[n]])}
+        self.hyper = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                          ema=ema, stat_every=int(stat_every), inverse_every=int(inverse_every))
+        self.buffers: dict[str, Tensor] = {}
+        self.t = 0
+        self._any_statistics = False
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The current parameters (float64) by name."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()
+                if n in self.names}
+
+    def _statistics(self, inputs: Tensor, targets: Tensor) -> ReferenceStatistics:
+        if self.targets == "data":
+            return ReferenceStatistics(self.model, self.likelihood, inputs, [targets], False)
+        with torch.no_grad():
+            outputs = self.model(inputs.to(F64) if inputs.is_floating_point() else inputs)
+        draws = [self.likelihood.sample(outputs, generator=self.generator)
+                 for _ in range(self.num_samples)]
+        return ReferenceStatistics(self.model, self.likelihood, inputs, draws, True)
+
+    def step(self, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """One step on the batch; returns the parameters' change by name."""
+        h, t = self.hyper, self.t
+        data = ReferenceStatistics(self.model, self.likelihood, inputs, [targets], False)
+        grads = {n: g[0] for n, g in data.batch().items()}
+        if self.ref.preconditions == "batch":
+            def curvature() -> ReferenceStatistics:
+                return data if self.targets == "data" else self._statistics(inputs, targets)
+
+            pre = self.ref.precondition(t, data, curvature, h["damping"])
+            grads = {n: pre[n] if n in self.covered else g for n, g in grads.items()}
+        else:
+            updated = False
+            if t % h["stat_every"] == 0:
+                self.ref.update(self._statistics(inputs, targets), h["ema"])
+                updated = self._any_statistics = True
+            t2 = h["inverse_every"]
+            if self._any_statistics and (t % t2 == 0 or (updated and t < t2)):
+                self.ref.refresh(h["damping"])
+        for n, g in grads.items():
+            self.buffers[n] = g.clone() if n not in self.buffers else \
+                h["momentum"] * self.buffers[n] + g
+        if self.ref.preconditions == "batch":
+            directions = dict(self.buffers)
+        else:
+            directions = dict(self.buffers)
+            directions.update(self.ref.direction(
+                {n: m for n, m in self.buffers.items() if n in self.covered}))
+        change = {}
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n not in directions:
+                    continue
+                new = p - h["lr"] * (directions[n] + h["weight_decay"] * p)
+                change[n] = new - p
+                p.copy_(new)
+        self.t += 1
+        return change
