@@ -34,7 +34,7 @@ they need not. Randomness comes only from the caller's :class:`torch.Generator`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -349,17 +349,20 @@ class Statistics:
                              else None for i, d in enumerate(dims[name])]
         return out
 
-    def kfac_factors(self, mode: str = "expand") -> dict[str, Any]:
+    def kfac_factors(self, mode: str = "expand", modules: Iterable[str] | None = None
+                     ) -> dict[str, Any]:
         """Module name → :class:`~curvlib.layers.KFACFactors` for layers whose plugin has them.
 
-        Modules whose plugin has no Kronecker factors raise
+        ``modules`` restricts the answer to those module names (default: every recorded
+        module). A module asked for whose plugin has no Kronecker factors raises
         :class:`~curvlib.layers.LayerPluginError` naming the module.
         """
         self._need("kfac_factors")
+        wanted = None if modules is None else set(modules)
         out = {}
         with self._quiet():
             for layer in self._layers:
-                if layer.calls:
+                if layer.calls and (wanted is None or layer.name in wanted):
                     out[layer.name] = layer.plugin.kfac_factors(layer.module, layer.calls,
                                                                 mode=mode)
         return out

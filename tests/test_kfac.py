@@ -408,8 +408,8 @@ class FakeStatistics:
     def __init__(self, factors):
         self.factors = factors
 
-    def kfac_factors(self, mode="expand"):
-        return self.factors
+    def kfac_factors(self, mode="expand", modules=None):
+        return {m: f for m, f in self.factors.items() if modules is None or m in modules}
 
 
 def _factors(d_in, d_out, value=None, seed=0):

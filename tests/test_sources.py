@@ -8,7 +8,7 @@ from torch import nn
 
 import curvlib
 from curvlib.capture import Capture
-from curvlib.layers import SampleInteractionError
+from curvlib.layers import LayerPluginError, SampleInteractionError
 from curvlib.likelihoods import as_likelihood
 from curvlib.sources import (
     Empirical,
@@ -329,6 +329,21 @@ def test_statistics_kfac_factors_by_module_name():
     assert list(factors) == ["0", "3"]
     assert factors["3"].input_cov.shape == (1, 10, 10)
     assert factors["0"].grad_cov.shape == (1, 3, 3)
+    only = stats.kfac_factors(modules={"3"})
+    assert list(only) == ["3"]
+    assert torch.equal(only["3"].input_cov, factors["3"].input_cov)
+
+
+def test_kfac_factors_of_chosen_modules_skip_layers_without_factors():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(2, (5,))
+    with Capture(model) as cap:
+        out = model(x)
+        stats = Empirical().collect(model, as_likelihood("categorical"), out, y, capture=cap)
+    with pytest.raises(LayerPluginError, match="LayerNorm"):
+        stats.kfac_factors()
+    assert list(stats.kfac_factors(modules=["0", "2"])) == ["0", "2"]
 
 
 def test_a_parameter_used_outside_its_module_is_caught():

@@ -100,21 +100,9 @@ def _module_and_local(name: str) -> tuple[str, str]:
 
 
 def _layer_factors(stats: Any, modules: set[str], mode: str) -> dict[str, Any]:
-    """``stats.kfac_factors(mode)`` for the named modules only.
-
-    Statistics of a model with modules whose plugin has no factors (LayerNorm, embeddings…)
-    would raise for those; only the layers this structure covers are asked.
-    """
-    layers = getattr(stats, "_layers", None)
-    if layers is None:  # another Statistics-like object: its public method
-        return {m: f for m, f in stats.kfac_factors(mode).items() if m in modules}
-    stats._need("kfac_factors")
-    out = {}
-    with stats._quiet():
-        for layer in layers:
-            if layer.calls and layer.name in modules:
-                out[layer.name] = layer.plugin.kfac_factors(layer.module, layer.calls, mode=mode)
-    return out
+    """``stats.kfac_factors(mode)`` for the named modules only (statistics of a model with
+    modules whose plugin has no factors — LayerNorm, embeddings… — would raise for those)."""
+    return stats.kfac_factors(mode, modules=modules)
 
 
 @register("structure", "kfac")
