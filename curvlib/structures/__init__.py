@@ -6,6 +6,7 @@ Woodbury, FNGD) and ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficie
 """
 
 from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
+from curvlib.structures.dense import Dense
 from curvlib.structures.kfac import KFAC
 from curvlib.structures.sharing import CoefficientSharing
 from curvlib.structures.smw import SMW
@@ -16,6 +17,7 @@ __all__ = [
     "SMW",
     "BatchContext",
     "CoefficientSharing",
+    "Dense",
     "Plan",
     "Structure",
     "TensorNormal",

@@ -262,6 +262,38 @@ class TensorNormal(Structure):
             out = contract(",".join(terms) + "->" + "".join(result), *operands)
         return out.reshape(param.shape).to(vector.dtype)
 
+    def curvature_blocks(self, items) -> dict[tuple[str, ...], Tensor]:
+        r"""Per tensor, the undamped Kronecker block ``Ũ_1 ⊗ … ⊗ Ũ_k`` (eq. (5)), float64.
+
+        Rows and columns are the tensor flattened row-major (its reshape to ``dims`` does
+        not change that order). A mode without a factor (longer than ``max_dim``) enters as
+        ``c_0 I``: it is what eq. (5) makes of that mode's statistic replaced by its isotropic
+        part ``(tr H / d_i) I`` — the one choice that keeps every factor's mean eigenvalue
+        ``c_0`` and ``tr(⊗_i Ũ_i) = tr H`` — while the direction uses the identity there
+        (the mode is left unpreconditioned, as Shampoo does). Tensors without statistics yet,
+        or with every mode unfactored (no trace is kept), are left out.
+        """
+        out: dict[tuple[str, ...], Tensor] = {}
+        for name, param, state in items:
+            if "tnt_updates" not in state or state["tnt_updates"] == 0:
+                continue
+            dims = self.dims(param.shape)
+            on = self._factored(dims)
+            if not any(on):
+                continue
+            hs = [state[f"tnt_H{i}"].to(torch.float64) if f else None
+                  for i, f in enumerate(on)]
+            us = normalise(hs, dims)
+            trace = torch.stack([torch.diagonal(h).sum() for h in hs if h is not None]).mean()
+            c0 = (trace / math.prod(dims)).clamp_min(0).pow(1.0 / len(dims))
+            block = torch.ones(1, 1, dtype=torch.float64, device=param.device)
+            for u, d in zip(us, dims, strict=True):
+                if u is None:
+                    u = c0 * torch.eye(d, dtype=torch.float64, device=param.device)
+                block = torch.kron(block, u)
+            out[(name,)] = block
+        return out
+
     def __repr__(self) -> str:
         return (f"TensorNormal(reshape={self.reshape!r}, max_dim={self.max_dim}, "
                 f"statistics={self.statistics!r})")
