@@ -7,7 +7,9 @@ Woodbury, FNGD) and ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficie
 
 from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
 from curvlib.structures.dense import Dense
+from curvlib.structures.diagonal import Diagonal
 from curvlib.structures.kfac import KFAC
+from curvlib.structures.shampoo import Shampoo
 from curvlib.structures.sharing import CoefficientSharing
 from curvlib.structures.smw import SMW
 from curvlib.structures.tensor_normal import TensorNormal, mode_statistics, normalise
@@ -18,7 +20,9 @@ __all__ = [
     "BatchContext",
     "CoefficientSharing",
     "Dense",
+    "Diagonal",
     "Plan",
+    "Shampoo",
     "Structure",
     "TensorNormal",
     "as_structure",
