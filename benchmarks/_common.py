@@ -1,18 +1,23 @@
 """Helpers shared by the benchmark scripts (``bench_sources.py``, ``bench_tnt.py``,
-``micro_tnt.py``, ``digits_autoencoder.py``, ``bench_fngd.py``, ``digits_fngd.py``).
+``bench_baselines.py``, ``micro_tnt.py``, ``digits_autoencoder.py``, ``bench_fngd.py``,
+``digits_fngd.py``).
 
 Not a benchmark by itself: the autoencoder builder, a timer that interleaves variants and
 keeps medians (and minor page faults per sample), glibc malloc tuning, the ASDL adapter (a
-Bernoulli MC Fisher for its K-FAC) and the run metadata.
+Bernoulli MC Fisher for its K-FAC), the run metadata, and the setting of the autoencoder
+step-time benchmarks (``bench_tnt.py``, ``bench_baselines.py``): the problem, a trainer that
+runs whole cycles of steps, and the rounds that time each variant right after an SGD-m cycle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import datetime
 import gc
+import math
 import os
 import platform
 import statistics
@@ -262,8 +267,15 @@ def load_asdl() -> tuple[types.ModuleType | None, str]:
     return asdl, f"asdfghjkl {version} (nvtx no-op on CPU; Bernoulli MC Fisher added)"
 
 
-def asdl_kfac(model: nn.Module, *, batch: int, damping: float, t1: int, t2: int, ema: float):
-    """ASDL's ``KfacGradientMaker`` with the MC Fisher (one sample) of the Bernoulli loss."""
+def asdl_kfac(model: nn.Module, *, batch: int, damping: float, t1: int, t2: int, ema: float,
+              sampler: Callable[[Tensor], Tensor] | None = None):
+    """ASDL's ``KfacGradientMaker`` with the MC Fisher (one sample) of the Bernoulli loss.
+
+    ``sampler`` maps the (detached) logits to the sampled targets; by default
+    ``torch.bernoulli(σ(f))`` with torch's global generator. A check passes fixed targets
+    here to compare ASDL's factors with curvlib's for the same draw.
+    """
+    draw = sampler if sampler is not None else (lambda f: torch.bernoulli(torch.sigmoid(f)))
     from asdl.fisher import FisherMaker
     from asdl.precondition import KfacGradientMaker, PreconditioningConfig
 
@@ -279,7 +291,7 @@ def asdl_kfac(model: nn.Module, *, batch: int, damping: float, t1: int, t2: int,
             n = self.config.n_mc_samples
             for i in range(n):
                 with torch.no_grad():
-                    sampled = torch.bernoulli(torch.sigmoid(logits))
+                    sampled = draw(logits.detach())
                 closure(lambda y=sampled: F.binary_cross_entropy_with_logits(
                     logits, y, reduction="sum") / n, retain_graph=i < n - 1)
 
@@ -325,3 +337,153 @@ def quiet_asdl_warnings() -> None:
     import warnings
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+
+
+# --------------------------------------------------------------------------------------------
+# the autoencoder step-time benchmarks (bench_tnt.py, bench_baselines.py)
+
+#: The TNT paper's MNIST autoencoder (ReLU; the code and output layers are linear).
+AE_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+AE_BATCH = 1000
+#: ``(T1, T2)``: statistics every ``T1`` steps, inverses every ``T2`` steps.
+AE_SCHEDULES = ((1, 20), (10, 100))
+#: Steps in one timed SGD-m cycle.
+AE_SGD_CYCLE = 20
+#: Timing only: the cost of a step does not depend on these values.
+AE_LR, AE_MOMENTUM, AE_DAMPING, AE_EMA = 1e-4, 0.9, 0.1, 0.9
+
+
+def ae_problem(seed: int, widths: Sequence[int] = AE_WIDTHS, batch: int = AE_BATCH
+               ) -> tuple[Tensor, nn.Sequential]:
+    """``(x, model)``: the batch (inputs uniform in [0, 1], used as their own targets; drawn
+    from a generator seeded with ``seed``) and the initial autoencoder (drawn from torch's
+    global generator, which the caller seeds)."""
+    x = torch.rand(batch, widths[0], generator=torch.Generator().manual_seed(seed))
+    return x, autoencoder(widths)
+
+
+def ae_metadata(widths: Sequence[int], batch: int, **extra) -> dict:
+    """:func:`metadata` with the description of the autoencoder problem."""
+    return metadata(model="autoencoder " + "-".join(map(str, widths)) + " (ReLU, linear code "
+                    "and output)", batch=batch, dtype="float32",
+                    data="random: inputs uniform in [0, 1], targets = inputs",
+                    likelihood="bernoulli (BCE-with-logits summed over outputs, batch mean)",
+                    **extra)
+
+
+class CycleTrainer:
+    """A copy of ``init`` with its optimizer, trained in whole cycles of ``steps`` steps on the
+    batch ``x`` (its own targets; mean Bernoulli loss).
+
+    ``kind``:
+
+    * ``"sgd"`` — ``torch.optim.SGD(lr, momentum)`` after an ordinary backward;
+    * ``"curvlib"`` — ``make(model)`` returns a curvlib optimizer, stepped by
+      ``opt.backward(out, x); opt.step()``;
+    * ``"asdl"`` — ASDL's K-FAC (:func:`asdl_kfac` with ``t1``, ``t2``, ``damping``, ``ema``)
+      preconditions the gradient, then ``torch.optim.SGD(lr, momentum)``.
+
+    ``reset()`` puts the parameters back to their initial values (the optimizer state stays),
+    so that timed runs stay finite; ``cycle()`` appends the last step's loss to ``losses``.
+    """
+
+    def __init__(self, kind: str, init: nn.Module, x: Tensor, steps: int, *, lr: float,
+                 momentum: float, make: Callable[[nn.Module], object] | None = None,
+                 t1: int = 1, t2: int = 1, damping: float = 0.0, ema: float = 0.9):
+        import curvlib
+
+        self.kind, self.x, self.steps = kind, x, steps
+        self.model = copy.deepcopy(init)
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.lik = curvlib.as_likelihood("bernoulli")
+        self.losses: list[float] = []
+        if kind == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
+        elif kind == "curvlib":
+            if make is None:
+                raise ValueError("kind 'curvlib' needs make=(model → curvlib optimizer)")
+            self.opt = make(self.model)
+        elif kind == "asdl":
+            self.gm = asdl_kfac(self.model, batch=x.shape[0], damping=damping, t1=t1, t2=t2,
+                                ema=ema)
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
+        else:
+            raise ValueError(f"kind must be 'sgd', 'curvlib' or 'asdl', got {kind!r}")
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(self.initial[k])
+
+    def step(self) -> Tensor:
+        x = self.x
+        if self.kind == "asdl":
+            return asdl_step(self.gm, self.opt, self.model, x, x)
+        self.opt.zero_grad()
+        out = self.model(x)
+        if self.kind == "curvlib":
+            loss = self.opt.backward(out, x)
+        else:
+            loss = self.lik.mean_loss(out, x)
+            loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def cycle(self) -> None:
+        loss = None
+        for _ in range(self.steps):
+            loss = self.step()
+        self.losses.append(float(loss))
+
+
+def asdl_probe(init: nn.Module, x: Tensor, *, lr: float, momentum: float, damping: float,
+               ema: float) -> tuple[bool, str]:
+    """Import ASDL and run three K-FAC steps of ``init`` on ``x``: ``(usable, note)``; not
+    usable when it does not import, fails, or the loss is not finite."""
+    module, note = load_asdl()
+    if module is None:
+        return False, note
+    quiet_asdl_warnings()
+    try:  # must run and stay finite with this torch before it is timed
+        probe = CycleTrainer("asdl", init, x, 3, lr=lr, momentum=momentum, t1=1, t2=2,
+                             damping=damping, ema=ema)
+        probe.cycle()
+        if not math.isfinite(probe.losses[-1]):
+            raise FloatingPointError(f"loss {probe.losses[-1]}")
+    except Exception as exc:
+        return False, f"ASDL imports but fails: {type(exc).__name__}: {exc}"
+    return True, note
+
+
+def paired_rounds(sgd: Timed, others: Sequence[Timed], rounds: int) -> list[list[float]]:
+    """Time ``rounds`` rounds; in each, every item of ``others`` (their order rotated by one
+    per round) is sampled right after one sample of ``sgd``. Prints a line per round and
+    returns the SGD samples of each round (for per-round ratios)."""
+    others = list(others)
+    sgd_round: list[list[float]] = []
+    for r in range(rounds):
+        n_before = len(sgd.samples)
+        shift = r % len(others)
+        for item in others[shift:] + others[:shift]:
+            sgd.sample()
+            item.sample()
+        sgd_round.append(sgd.samples[n_before:])
+        print(f"# round {r + 1}/{rounds}: load {loadavg()}, SGD "
+              f"{statistics.median(sgd_round[-1]) * 1e3:.1f} ms/step, "
+              + ", ".join(f"{o.key} {o.samples[-1] * 1e3:.1f}" for o in others), flush=True)
+    return sgd_round
+
+
+def cycle_record(item: Timed, sgd_round: Sequence[Sequence[float]], sgd_ms: float) -> dict:
+    """A timed cycle's summary: median ms/step, quartiles, ratio of the medians to SGD-m
+    (``sgd_ms``), and the median and range of the per-round ratios (each sample over the
+    median SGD-m sample of its round)."""
+    q1, q3 = item.quartiles()
+    per_round = ([s / statistics.median(sr) for s, sr in
+                  zip(item.samples, sgd_round, strict=False)]
+                 if item.key != "sgd" else [1.0])
+    return {"key": item.key, "label": item.label, "ms_per_step": item.median * 1e3,
+            "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "ratio_sgd": item.median * 1e3 / sgd_ms,
+            "per_round_ratio_median": statistics.median(per_round),
+            "per_round_ratio_min": min(per_round), "per_round_ratio_max": max(per_round),
+            "cycles": len(item.samples), "steps_per_cycle": item.per}

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -56,28 +55,34 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
+    AE_BATCH,
+    AE_DAMPING,
+    AE_EMA,
+    AE_LR,
+    AE_MOMENTUM,
+    AE_SCHEDULES,
+    AE_SGD_CYCLE,
+    AE_WIDTHS,
+    CycleTrainer,
     Timed,
+    ae_metadata,
+    ae_problem,
     asdl_factor_bytes,
-    asdl_kfac,
-    asdl_step,
-    autoencoder,
+    asdl_probe,
     bare_tnt_direction,
+    cycle_record,
     interleave,
-    load_asdl,
     loadavg,
-    metadata,
-    quiet_asdl_warnings,
+    paired_rounds,
     rel_diff,
 )
 
 import curvlib
 from curvlib.sources import TrueFisher
 
-WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-BATCH = 1000
-SCHEDULES = ((1, 20), (10, 100))
-SGD_CYCLE = 20
-LR, MOMENTUM, DAMPING, EMA = 1e-4, 0.9, 0.1, 0.9  # timing only: cost does not depend on them
+# the setting shared with bench_baselines.py (see _common.py)
+WIDTHS, BATCH, SCHEDULES, SGD_CYCLE = AE_WIDTHS, AE_BATCH, AE_SCHEDULES, AE_SGD_CYCLE
+LR, MOMENTUM, DAMPING, EMA = AE_LR, AE_MOMENTUM, AE_DAMPING, AE_EMA  # timing only
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CHECK_TOL = 1e-3  # float32 against float32 computed in another order
 
@@ -86,54 +91,19 @@ CHECK_TOL = 1e-3  # float32 against float32 computed in another order
 # whole training cycles
 
 
-class Trainer:
-    """A model copy with its optimizer; ``cycle()`` runs ``steps`` training steps."""
+class Trainer(CycleTrainer):
+    """A model copy with its optimizer (``kind``: ``"sgd"``, ``"tnt"`` or ``"asdl"``);
+    ``cycle()`` runs ``steps`` training steps (see :class:`_common.CycleTrainer`)."""
 
     def __init__(self, kind: str, init: nn.Module, x: Tensor, steps: int,
                  t1: int = 1, t2: int = 1, seed: int = 0):
-        self.kind, self.x, self.steps = kind, x, steps
-        self.model = copy.deepcopy(init)
-        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.lik = curvlib.as_likelihood("bernoulli")
-        self.losses: list[float] = []
-        if kind == "sgd":
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
-        elif kind == "tnt":
-            gen = torch.Generator().manual_seed(seed)
-            self.opt = curvlib.TNT(self.model, "bernoulli", lr=LR, damping=DAMPING,
-                                   momentum=MOMENTUM, ema=EMA, stat_every=t1,
-                                   inverse_every=t2, generator=gen)
-        elif kind == "asdl":
-            self.gm = asdl_kfac(self.model, batch=x.shape[0], damping=DAMPING, t1=t1, t2=t2,
-                                ema=EMA)
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
-        else:
-            raise ValueError(kind)
+        def make(model: nn.Module):
+            return curvlib.TNT(model, "bernoulli", lr=LR, damping=DAMPING, momentum=MOMENTUM,
+                               ema=EMA, stat_every=t1, inverse_every=t2,
+                               generator=torch.Generator().manual_seed(seed))
 
-    def reset(self) -> None:
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(self.initial[k])
-
-    def step(self) -> Tensor:
-        x = self.x
-        if self.kind == "asdl":
-            return asdl_step(self.gm, self.opt, self.model, x, x)
-        self.opt.zero_grad()
-        out = self.model(x)
-        if self.kind == "tnt":
-            loss = self.opt.backward(out, x)
-        else:
-            loss = self.lik.mean_loss(out, x)
-            loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-    def cycle(self) -> None:
-        loss = None
-        for _ in range(self.steps):
-            loss = self.step()
-        self.losses.append(float(loss))
+        super().__init__("curvlib" if kind == "tnt" else kind, init, x, steps, lr=LR,
+                         momentum=MOMENTUM, make=make, t1=t1, t2=t2, damping=DAMPING, ema=EMA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,32 +308,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    meta = metadata(model="autoencoder " + "-".join(map(str, WIDTHS)) + " (ReLU, linear code "
-                    "and output)", batch=BATCH, dtype="float32",
-                    data="random: inputs uniform in [0, 1], targets = inputs",
-                    likelihood="bernoulli (BCE-with-logits summed over outputs, batch mean)",
-                    hyper={"lr": LR, "momentum": MOMENTUM, "damping": DAMPING, "ema": EMA})
+    meta = ae_metadata(WIDTHS, BATCH,
+                       hyper={"lr": LR, "momentum": MOMENTUM, "damping": DAMPING, "ema": EMA})
     print(f"# bench_tnt — {meta['date']}, torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['cpu']}, curvlib at {meta['curvlib_commit']}; load average at start "
           f"{meta['loadavg_start']}")
-    x = torch.rand(BATCH, WIDTHS[0], generator=torch.Generator().manual_seed(args.seed))
-    init = autoencoder(WIDTHS)
+    x, init = ae_problem(args.seed, WIDTHS, BATCH)
 
     asdl_note = "not requested (--no-asdl)"
     use_asdl = False
     if not args.no_asdl:
-        module, asdl_note = load_asdl()
-        use_asdl = module is not None
-        if use_asdl:
-            quiet_asdl_warnings()
-            try:  # must run and stay finite with this torch before it is timed
-                probe = Trainer("asdl", init, x, 3, 1, 2)
-                probe.cycle()
-                if not math.isfinite(probe.losses[-1]):
-                    raise FloatingPointError(f"loss {probe.losses[-1]}")
-            except Exception as exc:
-                use_asdl = False
-                asdl_note = f"ASDL imports but fails: {type(exc).__name__}: {exc}"
+        use_asdl, asdl_note = asdl_probe(init, x, lr=LR, momentum=MOMENTUM, damping=DAMPING,
+                                         ema=EMA)
     meta["asdl"] = asdl_note
     print(f"# ASDL: {asdl_note}")
 
@@ -384,17 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     sgd_timed = Timed("sgd", "SGD-m", sgd.cycle, prepare=sgd.reset, per=SGD_CYCLE)
     others = [Timed(k, labels[k], tr.cycle, prepare=tr.reset, per=tr.steps)
               for k, tr in trainers.items()]
-    sgd_round: list[list[float]] = []  # SGD samples of each round (for per-round ratios)
-    for r in range(args.rounds):
-        n_before = len(sgd_timed.samples)
-        shift = r % len(others)
-        for item in others[shift:] + others[:shift]:
-            sgd_timed.sample()
-            item.sample()
-        sgd_round.append(sgd_timed.samples[n_before:])
-        print(f"# round {r + 1}/{args.rounds}: load {loadavg()}, SGD "
-              f"{statistics.median(sgd_round[-1]) * 1e3:.1f} ms/step, "
-              + ", ".join(f"{o.key} {o.samples[-1] * 1e3:.1f}" for o in others), flush=True)
+    sgd_round = paired_rounds(sgd_timed, others, args.rounds)  # SGD samples of each round
     finite = all(math.isfinite(v) for tr in [sgd, *trainers.values()] for v in tr.losses)
 
     # 3: parts ----------------------------------------------------------------------------------
@@ -435,15 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def cycle_row(item: Timed) -> dict:
-        q1, q3 = item.quartiles()
-        per_round = ([s / statistics.median(sr) for s, sr in
-                      zip(item.samples, sgd_round, strict=False)]
-                     if item.key != "sgd" else [1.0])
-        row = {"key": item.key, "label": item.label, "ms_per_step": item.median * 1e3,
-               "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "ratio_sgd": item.median * 1e3 / sgd_ms,
-               "per_round_ratio_median": statistics.median(per_round),
-               "per_round_ratio_min": min(per_round), "per_round_ratio_max": max(per_round),
-               "cycles": len(item.samples), "steps_per_cycle": item.per}
+        row = cycle_record(item, sgd_round, sgd_ms)
+        q1, q3 = row["q1_ms"] / 1e3, row["q3_ms"] / 1e3
         print(f"| {item.label} | {row['ms_per_step']:.1f} | {q1 * 1e3:.1f}–{q3 * 1e3:.1f} | "
               f"{row['ratio_sgd']:.2f} | {row['per_round_ratio_median']:.2f} "
               f"({row['per_round_ratio_min']:.2f}–{row['per_round_ratio_max']:.2f}) | "

@@ -61,3 +61,14 @@ def test_digits_fngd_smoke_run(tmp_path):
     assert "FNGD − EF-NGD final test accuracy" in result.stdout
     assert (tmp_path / "dfngd.json").exists()
     assert (tmp_path / "dfngd.png").exists()
+
+
+def test_bench_baselines_smoke_run(tmp_path):
+    """The KFAC / Shampoo / TNT / ASDL step-time benchmark runs on its tiny quick network and
+    its checks pass: KFAC factors equal ASDL's (same draw), Shampoo's newton roots equal eigh's,
+    each timed cycle holds T2/T1 statistics steps, losses stay finite."""
+    out = tmp_path / "baselines.json"
+    result = _smoke("bench_baselines.py", "--quick", "--json", str(out))
+    assert "| method | T1/T2 | step ms | × SGD-m | × TNT |" in result.stdout
+    assert "A CORRECTNESS CHECK FAILED" not in result.stderr
+    assert out.exists()
