@@ -8,18 +8,21 @@ Public entry points:
   :class:`Gaussian` (:mod:`curvlib.likelihoods`);
 * :func:`per_sample_grads` and :func:`gram` — per-sample quantities by parameter name, through
   the curvature sources (:mod:`curvlib.sources`) and layer plugins (:mod:`curvlib.layers`);
-* :func:`assemble` and the recipes :func:`TNT` and :func:`FNGD` — optimizers from a source,
-  a structure and a solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`,
+* :func:`assemble` and the recipes :func:`TNT`, :func:`FNGD`, :func:`KFAC`, :func:`Shampoo`,
+  :func:`EmpiricalTNT` and :func:`NaturalGradient` — optimizers from a source, a structure and
+  a solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`,
   :mod:`curvlib.solvers`);
 * :class:`Capture` — record layer inputs and output gradients (:mod:`curvlib.capture`);
+* :mod:`curvlib.diagnostics` — cosine similarity to the block-Fisher direction and block
+  errors of any assembled optimizer;
 * :mod:`curvlib.testing` — dense float64 oracles, hypothesis strategies and assertions.
 """
 
-from curvlib import damping, layers, solvers, structures
+from curvlib import damping, diagnostics, layers, solvers, structures
 from curvlib.capture import Capture
 from curvlib.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, as_likelihood
 from curvlib.optim import CurvatureOptimizer, assemble
-from curvlib.recipes import FNGD, TNT
+from curvlib.recipes import FNGD, KFAC, TNT, EmpiricalTNT, NaturalGradient, Shampoo
 from curvlib.registry import KINDS, available, get, register
 from curvlib.sources import Statistics, gram, per_sample_grads
 
@@ -27,8 +30,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "FNGD",
+    "KFAC",
     "KINDS",
     "TNT",
+    "EmpiricalTNT",
+    "NaturalGradient",
+    "Shampoo",
     "Bernoulli",
     "Capture",
     "Categorical",
@@ -41,6 +48,7 @@ __all__ = [
     "assemble",
     "available",
     "damping",
+    "diagnostics",
     "get",
     "gram",
     "layers",

@@ -1,7 +1,9 @@
 """Structures (kind ``structure``): curvature approximations a solver inverts.
 
 Built in: ``tensor_normal`` (TNT), ``smw`` (per-batch damped Fisher by Sherman–Morrison–
-Woodbury, FNGD) and ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficients). See
+Woodbury, FNGD), ``coefficient_sharing`` (FNGD's reuse of ``smw``'s coefficients), and the
+baselines ``kfac`` (per-layer Kronecker factors), ``shampoo`` (per-mode inverse roots),
+``diagonal`` (Adam-like second moments) and ``dense`` (the exact block). See
 :mod:`curvlib.structures.base` for the two protocols (vector and batch structures).
 """
 

@@ -137,6 +137,12 @@ class TensorNormal(Structure):
             return (out, inp, kh * kw) if self.reshape == "out_in_kernel" else (out, inp * kh * kw)
         return shape
 
+    @classmethod
+    def examples(cls) -> list[Structure]:
+        """The paper's configuration, and two factors per conv weight from per-sample
+        statistics."""
+        return [cls(), cls(reshape="out_rest", statistics="per_sample")]
+
     def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """Every tensor of order ≥ 1 (scalars fall back to the optimizer's default)."""
         return param.dim() >= 1
