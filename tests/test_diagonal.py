@@ -24,8 +24,7 @@ from curvlib.solvers import Cholesky
 from curvlib.sources import TrueFisher, as_source
 from curvlib.structures import Diagonal, as_structure
 from curvlib.testing.assertions import assert_close
-from curvlib.testing.reference import ReferenceStatistics
-from curvlib.testing.reference.diagonal import DiagonalReference
+from curvlib.testing.reference import check_steps
 from curvlib.testing.strategies import ModelSpec, dampings, make_targets, seeds, tensor_shapes
 
 F64 = torch.float64
@@ -256,59 +255,6 @@ def _batches(spec, lik, n, steps, seed):
              make_targets(lik, spec.output_shape(), n, seed + 100 + s)) for s in range(steps)]
 
 
-def _drive_against_reference(model, lik, batches, structure, *, source, solver, seed,
-                             **hyper):
-    """Train an assembled optimizer and :class:`DiagonalReference` side by side (float64),
-    on the optimizer's documented schedule (statistics at ``t % stat_every == 0`` from the
-    targets the source used, refreshes at ``t % inverse_every == 0`` and at every statistics
-    step while ``t < inverse_every``, momentum ``m ← μm + g``, decoupled weight decay),
-    with gradients from the oracles."""
-    ref_model = copy.deepcopy(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref = DiagonalReference(structure, ref_model, names)
-    opt = curvlib.assemble(model, lik, source=source, structure=structure, solver=solver,
-                           generator=torch.Generator().manual_seed(seed), **hyper)
-    group = opt.param_groups[0]
-    t1, t2 = group["stat_every"], group["inverse_every"]
-    lr, mu, wd, ema = group["lr"], group["momentum"], group["weight_decay"], group["ema"]
-    seen = []
-    collect = opt.source.collect
-
-    def spy(*a, **k):
-        stats = collect(*a, **k)
-        seen.append(([t.clone() for t in stats.targets], stats.sampled))
-        return stats
-
-    opt.source.collect = spy
-    params = dict(ref_model.named_parameters())
-    momentum: dict = {}
-    for t, (x, y) in enumerate(batches):
-        opt.zero_grad()
-        opt.backward(model(x), y)
-        opt.step()
-        grads = ReferenceStatistics(ref_model, lik, x, [y], sampled=False).batch()
-        updated = False
-        if t % t1 == 0:
-            draws, sampled = seen.pop(0)
-            ref.update(ReferenceStatistics(ref_model, lik, x, draws, sampled), ema)
-            updated = True
-        if t % t2 == 0 or (updated and t < t2):
-            ref.refresh(group["damping"])
-        for n in names:
-            g = grads[n][0]
-            momentum[n] = g.clone() if n not in momentum else mu * momentum[n] + g
-        directions = ref.direction(momentum)
-        with torch.no_grad():
-            for n in names:
-                before = params[n].clone()
-                params[n].mul_(1 - lr * wd).sub_(lr * directions[n])
-                mine = dict(model.named_parameters())[n]
-                assert_close(mine, params[n], what=f"step {t}: {n}")
-                assert_close(mine.detach() - before, params[n] - before, rtol=1e-8,
-                             atol=1e-14, what=f"step {t}: Δ{n}")
-    assert not seen
-
-
 class _Scaled(nn.Module):
     """A model with an order-0 parameter (covered by ``diagonal``)."""
 
@@ -350,9 +296,11 @@ def test_assembled_diagonal_steps_equal_the_oracle_formula(case, source_and_stat
     spec, lik = case
     model = _Scaled() if spec is None else spec.build()
     batches = _batches(spec or ModelSpec("mlp", (3,), (4,), 3), lik, n, 3, seed % 1000)
-    _drive_against_reference(model, lik, batches, structure, source=_SOURCES[source],
-                             solver="cholesky", seed=seed, lr=0.01, damping=damping,
-                             momentum=0.9, weight_decay=0.01, ema=0.8, inverse_every=2)
+    opt = curvlib.assemble(model, lik, source=_SOURCES[source], structure=structure,
+                           solver="cholesky", generator=torch.Generator().manual_seed(seed),
+                           lr=0.01, damping=damping, momentum=0.9, weight_decay=0.01, ema=0.8,
+                           inverse_every=2)
+    check_steps(opt, model, lik, batches)
 
 
 def test_per_sample_statistics_need_per_sample_gradients():
@@ -466,30 +414,3 @@ def test_zero_damping_on_a_coordinate_that_never_moves_warns_and_keeps_the_ident
     inv = opt.state[model.weight]["diag_inv"]
     assert torch.isfinite(model.weight).all() and torch.isfinite(inv).all()
     assert torch.equal(inv[:, 1], torch.ones(2))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("statistics", ["batch", "per_sample"])
-def test_steps_on_cuda_match_cpu(statistics):
-    """State follows the parameters' device; float64 steps agree with the CPU (empirical
-    statistics: no sampling)."""
-    spec = ModelSpec("cnn2d", (2, 5, 5), (3,), 3, kernel=2, seed=0)
-    results = []
-    for device in ("cpu", "cuda"):
-        model = spec.build().to(device)
-        (x, y), = _batches(spec, "categorical", 6, 1, 0)
-        x, y = x.to(device), y.to(device)
-        opt = curvlib.assemble(model, "categorical", source="empirical",
-                               structure=Diagonal(statistics=statistics), lr=0.01,
-                               damping=1e-6)
-        for _ in range(3):
-            opt.zero_grad()
-            opt.backward(model(x), y)
-            opt.step()
-        for state in opt.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    assert value.device.type == device
-        results.append([q.detach().cpu() for q in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert_close(b, a, rtol=1e-10)

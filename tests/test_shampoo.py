@@ -23,8 +23,8 @@ from curvlib.optim import CompatibilityError
 from curvlib.solvers import Cholesky, Eigh, Newton
 from curvlib.structures import Shampoo, TensorNormal, as_structure
 from curvlib.testing.assertions import assert_close
-from curvlib.testing.reference import ReferenceStatistics
-from curvlib.testing.reference.shampoo import ShampooReference, inverse_root, unfold
+from curvlib.testing.reference import check_steps
+from curvlib.testing.reference.shampoo import inverse_root, unfold
 from curvlib.testing.strategies import (
     ModelSpec,
     dampings,
@@ -500,65 +500,6 @@ def _batches(spec, lik, n, steps, seed):
              make_targets(lik, spec.output_shape(), n, seed + 100 + s)) for s in range(steps)]
 
 
-def _drive_against_reference(model, lik, batches, structure, reference_cls, *, source,
-                             solver, seed, **hyper):
-    """Train an assembled optimizer and the dense reference side by side (float64).
-
-    The reference follows the optimizer's documented schedule: statistics at
-    ``t % stat_every == 0`` from the same targets the source used (recorded from its
-    statistics), inverses at ``t % inverse_every == 0`` and at every statistics step while
-    ``t < inverse_every``, momentum ``m ← μm + g`` (``m = g`` at first), decoupled weight decay,
-    gradients from the oracles. Returns the number of steps compared."""
-    ref_model = copy.deepcopy(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref = reference_cls(structure, ref_model, names)
-    opt = curvlib.assemble(model, lik, source=source, structure=structure, solver=solver,
-                           generator=torch.Generator().manual_seed(seed), **hyper)
-    group = opt.param_groups[0]
-    t1, t2 = group["stat_every"], group["inverse_every"]
-    lr, mu, wd, ema = group["lr"], group["momentum"], group["weight_decay"], group["ema"]
-    seen = []
-    collect = opt.source.collect
-
-    def spy(*a, **k):
-        stats = collect(*a, **k)
-        seen.append(([t.clone() for t in stats.targets], stats.sampled))
-        return stats
-
-    opt.source.collect = spy
-    params = dict(ref_model.named_parameters())
-    covered = [n for n in names if ref.covers(n, params[n], ref.modules[ref.owners[n]])]
-    momentum: dict = {}
-    for t, (x, y) in enumerate(batches):
-        opt.zero_grad()
-        opt.backward(model(x), y)
-        opt.step()
-        grads = ReferenceStatistics(ref_model, lik, x, [y], sampled=False).batch()
-        updated = False
-        if t % t1 == 0:
-            draws, sampled = seen.pop(0)
-            ref.update(ReferenceStatistics(ref_model, lik, x, draws, sampled), ema)
-            updated = True
-        if t % t2 == 0 or (updated and t < t2):
-            ref.refresh(group["damping"])
-        for n in names:
-            g = grads[n][0]
-            momentum[n] = g.clone() if n not in momentum else mu * momentum[n] + g
-        directions = dict(momentum)
-        directions.update(ref.direction({n: momentum[n] for n in covered}))
-        with torch.no_grad():
-            for n in names:
-                before = params[n].clone()
-                params[n].mul_(1 - lr * wd).sub_(lr * directions[n])
-                mine = dict(model.named_parameters())[n]
-                assert_close(mine, params[n], what=f"step {t}: {n}")
-                # the step itself, measured from the parameters (hence their round-off)
-                assert_close(mine.detach() - before, params[n] - before, rtol=1e-8,
-                             atol=1e-14, what=f"step {t}: Δ{n}")
-    assert not seen
-    return len(batches)
-
-
 @given(case=st.sampled_from([
            (ModelSpec("mlp", (3,), (4,), 3, seed=1), "categorical"),
            (ModelSpec("cnn2d", (2, 4, 4), (2,), 2, kernel=2, seed=2), "gaussian"),
@@ -576,9 +517,11 @@ def test_assembled_shampoo_steps_equal_the_dense_reference(case, source, structu
     spec, lik = case
     model = spec.build()
     batches = _batches(spec, lik, n, 3, seed % 1000)
-    _drive_against_reference(model, lik, batches, structure, ShampooReference, source=source,
-                             solver="eigh", seed=seed, lr=0.1, damping=damping, momentum=0.9,
-                             weight_decay=0.01, ema=0.8, inverse_every=2)
+    opt = curvlib.assemble(model, lik, source=source, structure=structure, solver="eigh",
+                           generator=torch.Generator().manual_seed(seed), lr=0.1,
+                           damping=damping, momentum=0.9, weight_decay=0.01, ema=0.8,
+                           inverse_every=2)
+    check_steps(opt, model, lik, batches)
 
 
 @pytest.mark.parametrize("source", ["true_fisher", "empirical"])
@@ -651,30 +594,3 @@ def test_tensor_normal_and_shampoo_share_the_mode_statistics():
     sh.update(sitems, FakeStatistics({"w": g}), ema=0.9)
     for j in range(3):
         assert torch.equal(ti[2][f"tnt_H{j}"], si[2][f"shampoo_H{j}"])
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("solver", ["eigh", "newton"])
-def test_steps_on_cuda_match_cpu(solver):
-    """State follows the parameters' device; float64 steps agree with the CPU (empirical
-    statistics: no sampling, so both devices see the same numbers; 1e-9 covers the two
-    devices' different eigh and matmul round-off through three steps)."""
-    spec = ModelSpec("cnn2d", (2, 5, 5), (3,), 3, kernel=2, seed=0)
-    results = []
-    for device in ("cpu", "cuda"):
-        model = spec.build().to(device)
-        (x, y), = _batches(spec, "categorical", 6, 1, 0)
-        x, y = x.to(device), y.to(device)
-        opt = curvlib.assemble(model, "categorical", source="empirical", structure="shampoo",
-                               solver=solver, lr=0.1, damping=0.1)
-        for _ in range(3):
-            opt.zero_grad()
-            opt.backward(model(x), y)
-            opt.step()
-        for state in opt.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    assert value.device.type == device
-        results.append([q.detach().cpu() for q in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert_close(b, a, rtol=1e-9)

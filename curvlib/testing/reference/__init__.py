@@ -29,6 +29,7 @@ __all__ = [
     "ReferenceOptimizer",
     "ReferenceStatistics",
     "ReferenceStructure",
+    "check_steps",
     "reference_for",
     "register_reference",
 ]
@@ -310,3 +311,43 @@ class ReferenceOptimizer:
                 p.copy_(new)
         self.t += 1
         return change
+
+
+def check_steps(opt: Any, model: nn.Module, likelihood: Any,
+                batches: list[tuple[Tensor, Tensor]], *, rtol: float = 1e-10,
+                step_rtol: float = 1e-8, atol: float = 1e-14, step_atol: float = 1e-13
+                ) -> ReferenceOptimizer:
+    """Train ``opt`` on ``batches`` next to its :class:`ReferenceOptimizer` and assert, after
+    every step, that the parameters and the step itself agree.
+
+    ``opt`` must be freshly assembled (no step taken) on ``model`` with one param group; the
+    reference copies its generator's state, so sampled targets are drawn alike. The step is
+    compared at ``step_rtol`` and ``step_atol``: computed as a difference of parameters it
+    carries their round-off ``u‖θ‖``. Returns the reference.
+    """
+    from curvlib.testing.assertions import assert_close
+
+    if len(opt.param_groups) != 1:
+        raise ValueError("check_steps compares optimizers with one param group")
+    group = opt.param_groups[0]
+    generator = torch.Generator(device=opt.generator.device)
+    generator.set_state(opt.generator.get_state())
+    ref = ReferenceOptimizer(
+        model, likelihood, opt.source, opt.structure,
+        damping_rule=type(opt.damping_rule).name, generator=generator,
+        **{k: group[k] for k in ("lr", "damping", "momentum", "weight_decay", "ema",
+                                 "stat_every", "inverse_every")})
+    for t, (x, y) in enumerate(batches):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        opt.backward(model(x), y)
+        opt.step()
+        change = ref.step(x, y)
+        expected = ref.params
+        for name, p in model.named_parameters():
+            if name not in expected:
+                continue
+            assert_close(p, expected[name], rtol=rtol, atol=atol, what=f"step {t}: {name}")
+            assert_close(p.detach() - before[name], change[name], rtol=step_rtol,
+                         atol=step_atol, what=f"step {t}: Δ{name}")
+    return ref
