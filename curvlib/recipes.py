@@ -43,10 +43,14 @@ __all__ = ["FNGD", "KFAC", "TNT", "EmpiricalTNT", "NaturalGradient", "Shampoo"]
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _schedule(model: nn.Module) -> tuple[int, int]:
-    """TNT's (T1, T2): (10, 100) for models with convolutions, (1, 20) otherwise."""
+def _schedule(model: nn.Module, stat_every: int | None, inverse_every: int | None
+              ) -> dict[str, int]:
+    """``stat_every``/``inverse_every``, each defaulting to TNT's: (10, 100) for models with
+    convolutions, (1, 20) otherwise."""
     has_conv = any(isinstance(m, _CONV) for m in model.modules())
-    return (10, 100) if has_conv else (1, 20)
+    t1, t2 = (10, 100) if has_conv else (1, 20)
+    return {"stat_every": t1 if stat_every is None else stat_every,
+            "inverse_every": t2 if inverse_every is None else inverse_every}
 
 
 def TNT(
@@ -75,7 +79,6 @@ def TNT(
     added to each normalised factor, Cholesky inverses, momentum 0.9 formed before
     preconditioning, decoupled weight decay.
     """
-    t1, t2 = _schedule(model)
     return assemble(
         model, likelihood,
         source=TrueFisher(num_samples=num_samples),
@@ -84,8 +87,7 @@ def TNT(
         params=params,
         generator=generator,
         lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, ema=ema,
-        stat_every=t1 if stat_every is None else stat_every,
-        inverse_every=t2 if inverse_every is None else inverse_every,
+        **_schedule(model, stat_every, inverse_every),
     )
 
 
@@ -157,13 +159,11 @@ def EmpiricalTNT(
     As :func:`TNT`, but the mode statistics come from the mini-batch gradient with the data's
     own targets (source ``empirical``) instead of targets sampled from the model.
     """
-    t1, t2 = _schedule(model)
     return assemble(
         model, likelihood, source=Empirical(), structure=TensorNormal(reshape=reshape),
         solver=solver, params=params,
         lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, ema=ema,
-        stat_every=t1 if stat_every is None else stat_every,
-        inverse_every=t2 if inverse_every is None else inverse_every,
+        **_schedule(model, stat_every, inverse_every),
     )
 
 
@@ -195,15 +195,13 @@ def KFAC(
     frequencies. Parameters outside layers with Kronecker factors (norm layers, embeddings)
     get SGD with momentum.
     """
-    t1, t2 = _schedule(model)
     source = Empirical() if empirical else TrueFisher(num_samples=num_samples, per_sample=True)
     return assemble(
         model, likelihood, source=source,
         structure=KFACStructure(mode=mode, pi_damping=pi_damping),
         solver=solver, params=params, generator=generator,
         lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, ema=ema,
-        stat_every=t1 if stat_every is None else stat_every,
-        inverse_every=t2 if inverse_every is None else inverse_every,
+        **_schedule(model, stat_every, inverse_every),
     )
 
 
@@ -234,14 +232,12 @@ def Shampoo(
     ``eigh`` (``"newton"`` for the coupled Newton iteration). ``stat_every``/
     ``inverse_every`` default to TNT's, so that the two compare at the same frequencies.
     """
-    t1, t2 = _schedule(model)
     return assemble(
         model, likelihood, source=source,
         structure=ShampooStructure(reshape=reshape, max_dim=max_dim, root=root),
         solver=solver, params=params, generator=generator,
         lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, ema=ema,
-        stat_every=t1 if stat_every is None else stat_every,
-        inverse_every=t2 if inverse_every is None else inverse_every,
+        **_schedule(model, stat_every, inverse_every),
     )
 
 

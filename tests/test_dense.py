@@ -27,35 +27,19 @@ from curvlib.sources import TrueFisher
 from curvlib.structures import Dense
 from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
+from curvlib.testing.fakes import (
+    GradientStatistics as FakeStatistics,
+)
+from curvlib.testing.fakes import (
+    constant_damping as _constant,
+)
+from curvlib.testing.fakes import (
+    structure_items as _items,
+)
 from curvlib.testing.reference import ReferenceOptimizer
 from curvlib.testing.strategies import ModelSpec, dampings, make_targets, problems, seeds
 
 F64 = torch.float64
-
-
-class FakeStatistics:
-    """What the structure reads: per-sample rows or per-draw batch gradients."""
-
-    def __init__(self, grads: dict[str, torch.Tensor]):
-        self.grads = grads
-
-    def per_sample_grads(self) -> dict[str, torch.Tensor]:
-        return self.grads
-
-    def batch_grads(self) -> dict[str, torch.Tensor]:
-        return self.grads
-
-
-def _constant(eps: float):
-    return lambda mats: torch.full((mats.shape[0],), eps, dtype=F64)
-
-
-def _items(dense: Dense, shapes: dict[str, tuple[int, ...]], dtype=F64):
-    items = []
-    for name, shape in shapes.items():
-        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
-        items.append((name, p, dense.init_state(p)))
-    return items
 
 
 def _rows(shapes, r: int, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

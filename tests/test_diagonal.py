@@ -24,44 +24,22 @@ from curvlib.solvers import Cholesky
 from curvlib.sources import TrueFisher, as_source
 from curvlib.structures import Diagonal, as_structure
 from curvlib.testing.assertions import assert_close
+from curvlib.testing.fakes import (
+    GradientStatistics as FakeStatistics,
+)
+from curvlib.testing.fakes import (
+    constant_damping as _constant,
+)
+from curvlib.testing.fakes import (
+    gradient_draws as _draws,
+)
+from curvlib.testing.fakes import (
+    structure_items as _items,
+)
 from curvlib.testing.reference import check_steps
 from curvlib.testing.strategies import ModelSpec, dampings, make_targets, seeds, tensor_shapes
 
 F64 = torch.float64
-
-
-class FakeStatistics:
-    """``batch_grads() -> {name: (S, *shape)}`` and ``per_sample_grads() -> {name: (R, *shape)}``
-    (the same tensors: the structure reads one or the other)."""
-
-    def __init__(self, grads):
-        self.grads = grads
-
-    def batch_grads(self):
-        return self.grads
-
-    def per_sample_grads(self):
-        return self.grads
-
-
-def _constant(eps):
-    return lambda mats: torch.full((mats.shape[0],), eps, dtype=F64)
-
-
-def _items(structure, shapes, dtype=F64):
-    items = []
-    for name, shape in shapes.items():
-        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
-        items.append((name, p, structure.init_state(p)))
-    return items
-
-
-def _draws(shape, num, seed, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(num, *shape, generator=gen, dtype=F64)
-
-
-# -- the elementwise formula ---------------------------------------------------------------------
 
 
 @given(shape=tensor_shapes(0, 4, 1, 4), rows=st.integers(1, 6), steps=st.integers(1, 3),

@@ -23,8 +23,21 @@ from curvlib.optim import CompatibilityError
 from curvlib.solvers import Cholesky, Eigh, Newton
 from curvlib.structures import Shampoo, TensorNormal, as_structure
 from curvlib.testing.assertions import assert_close
+from curvlib.testing.fakes import (
+    GradientStatistics as FakeStatistics,
+)
+from curvlib.testing.fakes import (
+    constant_damping as _constant,
+)
+from curvlib.testing.fakes import (
+    gradient_draws as _draws,
+)
+from curvlib.testing.fakes import (
+    structure_items as _items,
+)
 from curvlib.testing.reference import check_steps
-from curvlib.testing.reference.shampoo import inverse_root, unfold
+from curvlib.testing.reference.shampoo import inverse_root
+from curvlib.testing.reference.tensor_normal import unfold
 from curvlib.testing.strategies import (
     ModelSpec,
     dampings,
@@ -37,33 +50,6 @@ from curvlib.testing.strategies import (
 F64 = torch.float64
 U64 = 2.0**-53  # float64 unit round-off
 MAX_ENTRIES = 200  # the dense Kronecker product is MAX_ENTRIES² numbers
-
-
-class FakeStatistics:
-    """What the structure reads from a source: ``batch_grads() -> {name: (S, *shape)}``."""
-
-    def __init__(self, grads):
-        self.grads = grads
-
-    def batch_grads(self):
-        return self.grads
-
-
-def _constant(eps: float):
-    return lambda mats: torch.full((mats.shape[0],), eps, dtype=F64)
-
-
-def _items(structure, shapes, dtype=F64):
-    items = []
-    for name, shape in shapes.items():
-        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
-        items.append((name, p, structure.init_state(p)))
-    return items
-
-
-def _draws(shape, num, seed, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(num, *shape, generator=gen, dtype=F64)
 
 
 @st.composite

@@ -18,20 +18,22 @@ from torch import nn
 from curvlib.solvers import Cholesky, Eigh
 from curvlib.structures import TensorNormal, mode_statistics, normalise
 from curvlib.testing.assertions import assert_close, relative_error
+from curvlib.testing.fakes import (
+    GradientStatistics as FakeStatistics,
+)
+from curvlib.testing.fakes import (
+    constant_damping as _constant,
+)
+from curvlib.testing.fakes import (
+    gradient_draws as _draws,
+)
+from curvlib.testing.fakes import (
+    structure_items as _items,
+)
 from curvlib.testing.strategies import dampings, seeds, tensor_shapes
 
 F64 = torch.float64
 MAX_ENTRIES = 200  # the dense Kronecker product is MAX_ENTRIES² numbers
-
-
-class FakeStatistics:
-    """What a structure reads from a source: ``batch_grads() -> {name: (S, *shape)}``."""
-
-    def __init__(self, grads: dict[str, torch.Tensor]):
-        self.grads = grads
-
-    def batch_grads(self) -> dict[str, torch.Tensor]:
-        return self.grads
 
 
 def _mat(g: torch.Tensor, i: int) -> torch.Tensor:
@@ -71,31 +73,11 @@ def _dense_direction(us: list, dims: tuple[int, ...], eps: float, m: torch.Tenso
     return torch.linalg.solve(kron, m.reshape(-1)).reshape(m.shape)
 
 
-def _constant(eps: float):
-    return lambda mats: torch.full((mats.shape[0],), eps, dtype=F64)
-
-
-def _items(tn: TensorNormal, shapes: dict[str, tuple[int, ...]], dtype=F64):
-    items = []
-    for name, shape in shapes.items():
-        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
-        items.append((name, p, tn.init_state(p)))
-    return items
-
-
 @st.composite
 def small_shapes(draw, min_order: int = 1, max_order: int = 4):
     shape = draw(tensor_shapes(min_order, max_order, 1, 6 if max_order <= 2 else 5))
     assume(math.prod(shape) <= MAX_ENTRIES)
     return shape
-
-
-def _draws(shape, num: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(num, *shape, generator=gen, dtype=F64)
-
-
-# -- mode statistics and the normalisation ------------------------------------------------------
 
 
 @given(shape=small_shapes(), num=st.integers(1, 4), seed=seeds())

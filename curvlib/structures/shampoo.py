@@ -46,7 +46,7 @@ from curvlib.layers._patch import contract
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
 from curvlib.structures.base import Structure
-from curvlib.structures.tensor_normal import mode_statistics
+from curvlib.structures.tensor_normal import mode_statistics, reshaped_dims
 
 __all__ = ["Shampoo", "mode_product"]
 
@@ -122,12 +122,9 @@ class Shampoo(Structure):
     # -- shapes and powers ----------------------------------------------------------------------
 
     def dims(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        """The tensor shape Shampoo factorises for a parameter of ``shape``."""
-        shape = tuple(shape)
-        if len(shape) == 4 and self.reshape != "as_is":
-            out, inp, kh, kw = shape
-            return (out, inp, kh * kw) if self.reshape == "out_in_kernel" else (out, inp * kh * kw)
-        return shape
+        """The tensor shape Shampoo factorises for a parameter of ``shape``
+        (:func:`~curvlib.structures.tensor_normal.reshaped_dims`)."""
+        return reshaped_dims(shape, self.reshape)
 
     def power(self, shape: torch.Size | tuple[int, ...]) -> float:
         """``p`` for a parameter of ``shape``: ``root`` if set, else twice the order of the

@@ -52,10 +52,22 @@ from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
 from curvlib.structures.base import Structure
 
-__all__ = ["TensorNormal", "mode_statistics", "normalisation_scales", "normalise"]
+__all__ = ["TensorNormal", "mode_statistics", "normalisation_scales", "normalise", "reshaped_dims"]
 
 Reshape = Literal["out_in_kernel", "out_rest", "as_is"]
 _LETTERS = string.ascii_lowercase
+
+
+def reshaped_dims(shape: torch.Size | tuple[int, ...], reshape: Reshape) -> tuple[int, ...]:
+    """The tensor shape a per-mode structure factorises for a parameter of ``shape``: order-4
+    (convolution) weights ``(out, in, kh, kw)`` become ``(out, in, kh·kw)``
+    (``"out_in_kernel"``) or ``(out, in·kh·kw)`` (``"out_rest"``), or stay (``"as_is"``);
+    other tensors are taken as they are."""
+    shape = tuple(shape)
+    if len(shape) == 4 and reshape != "as_is":
+        out, inp, kh, kw = shape
+        return (out, inp, kh * kw) if reshape == "out_in_kernel" else (out, inp * kh * kw)
+    return shape
 
 
 def mode_statistics(g: Tensor, modes: list[int] | None = None) -> list[Tensor]:
@@ -130,12 +142,9 @@ class TensorNormal(Structure):
         self.max_dim = max_dim
 
     def dims(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        """The tensor shape TNT factorises for a parameter of ``shape``."""
-        shape = tuple(shape)
-        if len(shape) == 4 and self.reshape != "as_is":
-            out, inp, kh, kw = shape
-            return (out, inp, kh * kw) if self.reshape == "out_in_kernel" else (out, inp * kh * kw)
-        return shape
+        """The tensor shape TNT factorises for a parameter of ``shape``
+        (:func:`reshaped_dims`)."""
+        return reshaped_dims(shape, self.reshape)
 
     @classmethod
     def examples(cls) -> list[Structure]:

@@ -21,23 +21,9 @@ from curvlib.testing.reference import (
     ema_update,
     register_reference,
 )
+from curvlib.testing.reference.tensor_normal import tnt_dims, unfold
 
-__all__ = ["ShampooReference", "dims_of", "inverse_root", "unfold"]
-
-
-def dims_of(shape: tuple[int, ...], reshape: str) -> tuple[int, ...]:
-    """The shape the structure factorises (only order-4 tensors are reshaped)."""
-    shape = tuple(shape)
-    if len(shape) == 4 and reshape == "out_in_kernel":
-        return (shape[0], shape[1], shape[2] * shape[3])
-    if len(shape) == 4 and reshape == "out_rest":
-        return (shape[0], shape[1] * shape[2] * shape[3])
-    return shape
-
-
-def unfold(g: Tensor, i: int) -> Tensor:
-    """``mat_i(g)``: mode ``i`` as rows, the other indices (in order) as columns."""
-    return g.movedim(i, 0).reshape(g.shape[i], -1)
+__all__ = ["ShampooReference", "inverse_root"]
 
 
 def inverse_root(h: Tensor, eps: float, p: float) -> Tensor:
@@ -56,7 +42,7 @@ class ShampooReference(ReferenceStructure):
         self.p: dict[str, list[Tensor | None]] = {}
 
     def _dims(self, name: str) -> tuple[int, ...]:
-        return dims_of(tuple(self.shapes[name]), self.structure.reshape)
+        return tnt_dims(tuple(self.shapes[name]), self.structure.reshape)
 
     def _power(self, name: str) -> float:
         root = self.structure.root
