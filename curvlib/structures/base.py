@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from curvlib.registry import resolve
 
-__all__ = ["BatchContext", "Plan", "Structure", "as_structure"]
+__all__ = ["BatchContext", "Plan", "Structure", "as_structure", "fold"]
 
 
 @dataclass
@@ -202,6 +202,23 @@ class Structure:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def fold(running: Tensor, new: Tensor, count: Tensor | int, *, ema: float,
+         average: bool = False) -> None:
+    """Fold one statistic into a running one, in place — the rule every vector structure uses.
+
+    ``count`` is the number of statistics folded in so far. The first sets ``running = new``;
+    later ones give ``ema·running + (1 − ema)·new`` (one ``lerp_``), or, with ``average=True``
+    (the warm start), the arithmetic mean of all of them.
+    """
+    new = new.to(running.dtype)
+    if average:
+        running.mul_(count / (count + 1)).add_(new / (count + 1))
+    elif count == 0:
+        running.copy_(new)
+    else:
+        running.lerp_(new, 1 - ema)
 
 
 def as_structure(structure: str | Structure | type[Structure], **options: Any) -> Structure:

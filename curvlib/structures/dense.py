@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
-from curvlib.structures.base import Structure
+from curvlib.structures.base import Structure, fold
 
 __all__ = ["Dense"]
 
@@ -217,10 +217,8 @@ class Dense(Structure):
                 if f is None or count == 0:
                     state["dense_F"] = rows.clone()
                     state["dense_offset"] = torch.tensor(o, dtype=torch.int64)
-                elif average:
-                    f.mul_(count / (count + 1)).add_(rows / (count + 1))
                 else:
-                    f.lerp_(rows, 1 - ema)  # ema·F + (1 − ema)·S in one pass
+                    fold(f, rows, count, ema=ema, average=average)
                 state["dense_updates"] = count + 1
 
     # -- inverses ---------------------------------------------------------------------------

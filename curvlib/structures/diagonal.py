@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.registry import register
-from curvlib.structures.base import Structure
+from curvlib.structures.base import Structure, fold
 
 __all__ = ["Diagonal"]
 
@@ -112,14 +112,8 @@ class Diagonal(Structure):
             if not bool(torch.isfinite(s.sum())):  # a sum of squares: finite iff every entry
                 state["diag_skipped"] = state.get("diag_skipped", torch.zeros(())) + 1
                 continue
-            s = s.to(v.dtype)
             count = state["diag_updates"]
-            if average:
-                v.mul_(count / (count + 1)).add_(s / (count + 1))
-            elif count == 0:
-                v.copy_(s)
-            else:
-                v.lerp_(s, 1 - ema)
+            fold(v, s, count, ema=ema, average=average)
             state["diag_updates"] = count + 1
 
     def refresh(self, items, *, solver: Any, damping: Callable[[Tensor], Tensor]

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from curvlib.layers.base import LayerPlugin, plugin_for, trainable_parameters
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
-from curvlib.structures.base import Structure
+from curvlib.structures.base import Structure, fold
 
 __all__ = ["KFAC", "kfac_index"]
 
@@ -235,12 +235,7 @@ class KFAC(Structure):
                 continue
             count = state["kfac_updates"]
             for h, s in ((a, a_new), (b, b_new)):
-                if average:
-                    h.mul_(count / (count + 1)).add_(s / (count + 1))
-                elif count == 0:
-                    h.copy_(s)
-                else:
-                    h.lerp_(s, 1 - ema)  # ema·H + (1 − ema)·S
+                fold(h, s, count, ema=ema, average=average)
             state["kfac_updates"] = count + 1
 
     def _pis(self, a: Tensor, b: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from curvlib.layers._patch import contract
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
-from curvlib.structures.base import Structure
+from curvlib.structures.base import Structure, fold
 from curvlib.structures.tensor_normal import mode_statistics, reshaped_dims
 
 __all__ = ["Shampoo", "mode_product"]
@@ -184,14 +184,7 @@ class Shampoo(Structure):
                 continue
             count = state["shampoo_updates"]
             for i, s in zip(modes, new, strict=True):
-                h = state[f"shampoo_H{i}"]
-                s = s.to(h.dtype)
-                if average:
-                    h.mul_(count / (count + 1)).add_(s / (count + 1))
-                elif count == 0:
-                    h.copy_(s)
-                else:
-                    h.lerp_(s, 1 - ema)  # ema·H + (1 − ema)·S
+                fold(state[f"shampoo_H{i}"], s, count, ema=ema, average=average)
             state["shampoo_updates"] = count + 1
 
     def refresh(self, items, *, solver: Solver, damping: Callable[[Tensor], Tensor]

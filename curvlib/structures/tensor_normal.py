@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from curvlib.layers._patch import contract
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
-from curvlib.structures.base import Structure
+from curvlib.structures.base import Structure, fold
 
 __all__ = ["TensorNormal", "mode_statistics", "normalisation_scales", "normalise", "reshaped_dims"]
 
@@ -207,14 +207,7 @@ class TensorNormal(Structure):
                 continue
             count = state["tnt_updates"]
             for i, s in zip(modes, new, strict=True):
-                h = state[f"tnt_H{i}"]
-                s = s.to(h.dtype)
-                if average:
-                    h.mul_(count / (count + 1)).add_(s / (count + 1))
-                elif count == 0:
-                    h.copy_(s)
-                else:
-                    h.lerp_(s, 1 - ema)  # ema·H + (1 − ema)·S in one pass
+                fold(state[f"tnt_H{i}"], s, count, ema=ema, average=average)
             state["tnt_updates"] = count + 1
 
     def refresh(self, items, *, solver: Solver, damping: Callable[[Tensor], Tensor]
