@@ -37,15 +37,11 @@ from torch import Tensor, nn
 
 def autoencoder(widths: Sequence[int]) -> nn.Sequential:
     """Linear layers ``widths[0] → … → widths[-1]`` with ReLU between them, except after the
-    code layer (the narrowest, in the middle) and after the output layer: both are linear."""
-    n = len(widths) - 1
-    code = n // 2 - 1  # index of the layer that maps into the code
-    layers: list[nn.Module] = []
-    for i in range(n):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i not in (code, n - 1):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    code layer (the narrowest, in the middle) and after the output layer: both are linear.
+    ``curvlib.compare.autoencoder`` with torch's default initialisation."""
+    from curvlib.compare import autoencoder as build
+
+    return build(widths)
 
 
 def bare_tnt_ema(grads: dict[str, Tensor], factors: dict[str, list[Tensor]], ema: float) -> None:

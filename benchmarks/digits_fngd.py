@@ -67,12 +67,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import loadavg, metadata
 
 import curvlib
+from curvlib.compare import digits_cnn, digits_mlp, load_digits_classification
 
 BATCH = 64
 MOMENTUM = 0.9
@@ -99,7 +100,6 @@ DEFAULTS = {
 # FNGD against EF-NGD: the tuned pair (the target) and the pair at the strong-curvature α
 PAIRS = [("FNGD", "EF-NGD"), ("FNGD α=0.001", "EF-NGD α=0.001")]
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-SPLIT_SEED = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,38 +107,19 @@ SPLIT_SEED = 0
 
 
 def load_data(validation: bool = False) -> dict[str, Tensor]:
-    """Standardised train/test tensors (images as ``(N, 1, 8, 8)``), one fixed split.
+    """Standardised train/test tensors (images as ``(N, 1, 8, 8)``), one fixed split:
+    ``curvlib.compare.load_digits_classification`` (``curvlib compare`` uses the same).
 
     ``validation=True`` splits the training images again (80/20) and returns the second part
     as ``test``: what ``--tune`` selects on.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = round(0.2 * x.shape[0])
-    test, train = perm[:n_test], perm[n_test:]
-    if validation:
-        n_val = round(0.2 * train.shape[0])
-        test, train = train[:n_val], train[n_val:]
-    mean = x[train].mean(0, keepdim=True)
-    std = x[train].std(0, keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))  # constant border pixels
-    x = (x - mean) / std
-    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+    return load_digits_classification(validation)
 
 
-def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
-                         nn.ReLU(), nn.Linear(64, 10))
-
-
-def cnn() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+# the networks of ``curvlib compare``'s digits-mlp and digits-cnn tasks; called without a
+# generator they take torch's default initialisation (``Run`` seeds the global generator)
+mlp = digits_mlp
+cnn = digits_cnn
 
 
 NETWORKS = {"mlp": (mlp, "MLP 64-128-64-10 (ReLU)"),
