@@ -10,6 +10,14 @@ Subcommands:
   Frobenius difference of each approximation to it, and the cosine between the damped natural
   gradients ``(F + λI)⁻¹ g`` of each approximation and of the exact Fisher. ``--json PATH``
   writes every number.
+* ``curvlib compare`` — trains recipes (default: SGD-m, Adam, KFAC, Shampoo, TNT, FNGD) and
+  new assemblies from a TOML file side by side on a digits task; prints best and final
+  training loss, test accuracy or loss and time per epoch as a ratio to SGD-m, and writes
+  loss plots and a JSON of every curve (:mod:`curvlib.compare`).
+* ``curvlib fisher-check`` — the TNT paper's Figure 1 on digits upsampled to 16×16 with the
+  256-20-20-20-20-20-10 tanh MLP: along the block-Fisher method's trajectory, the per-layer
+  cosine of the TNT, KFAC, Shampoo, Adam and SGD-m directions to the block-Fisher direction;
+  prints a table, writes a PNG and a JSON (:mod:`curvlib.fisher_check`).
 * ``curvlib plugins`` — every registered component by kind, with the distribution it came
   from, and how to register one.
 
@@ -181,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every registered component by kind with the distribution it came "
         "from, and say how to register one.",
     )
+    from curvlib import compare, fisher_check
+
+    compare.add_parser(sub)
+    fisher_check.add_parser(sub)
     return parser
 
 
@@ -493,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "fisher":
         return _run_fisher(args)
+    if args.command == "compare":
+        from curvlib import compare
+
+        return compare.run(args)
+    if args.command == "fisher-check":
+        from curvlib import fisher_check
+
+        return fisher_check.run(args)
     return _run_plugins()
 
 
