@@ -15,7 +15,7 @@ def readme_commands():
 
 def test_readme_opens_with_the_main_job_and_the_test_command():
     main_job, tests = readme_commands()
-    assert main_job.endswith("curvlib fisher") and '".[bench]"' in main_job
+    assert main_job.endswith("curvlib compare") and '".[bench]"' in main_job
     assert "pytest" in tests and '".[test,bench]"' in tests  # bench: the CLI's tests
 
 
