@@ -323,7 +323,10 @@ def test_table3_config_and_tuning_script(tmp_path: Path) -> None:
         specs = cmp.specs_from_config(task, cfg.recipes, cfg)
         kfac = next(s for s in specs if s.recipe == "kfac")
         assert kfac.hyper["inverse_every"] == 100
-        assert kfac.hyper["lr"] == cmp.DEFAULTS[task]["kfac"]["lr"]
+        # the config's own lr and damping (stale inverses need more damping than the defaults)
+        assert (kfac.hyper["lr"], kfac.hyper["damping"]) == (0.003, 0.03)
+        shampoo = next(s for s in specs if s.recipe == "shampoo")
+        assert (shampoo.hyper["lr"], shampoo.hyper["damping"]) == (0.003, 0.001)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import compare_tune
