@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import __version__
+from curvlib._argtypes import positive_float as _positive_float
+from curvlib._argtypes import positive_int as _positive_int
 from curvlib.registry import ENTRY_POINT_GROUP, KINDS, available
 from curvlib.testing import oracles
 from curvlib.testing.assertions import cosine_similarity, relative_error
@@ -67,16 +69,6 @@ _BENCH_HINT = 'pip install -e ".[bench]"'
 
 
 # --------------------------------------------------------------------------- argument types
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _int_list(text: str, *, allow_empty: bool) -> list[int]:
@@ -108,16 +100,6 @@ def _sample_counts(text: str) -> list[int]:
     if len(set(counts)) != len(counts):
         raise argparse.ArgumentTypeError(f"sample counts must be distinct, got {text!r}")
     return sorted(counts)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,8 @@ import torch
 from torch import Tensor, nn
 
 import curvlib
+from curvlib._argtypes import positive_float as _positive_float
+from curvlib._argtypes import positive_int as _positive_int
 from curvlib.damping import as_damping
 from curvlib.optim import HYPER as CURVLIB_HYPER
 from curvlib.solvers import as_solver
@@ -1355,26 +1357,6 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> P
 
 
 # =========================================================================== command line
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
 
 
 def _seed_list(text: str) -> list[int]:

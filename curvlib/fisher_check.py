@@ -62,6 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlib._argtypes import non_negative_float as _non_negative_float
+from curvlib._argtypes import positive_float as _positive_float
+from curvlib._argtypes import positive_int as _positive_int
 from curvlib.capture import Capture
 from curvlib.damping import as_damping
 from curvlib.diagnostics import cosine_similarities
@@ -625,36 +628,6 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- the subcommand
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
