@@ -35,50 +35,20 @@ parameter's device.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from curvlib.layers._patch import contract
 from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
 from curvlib.structures.base import Structure, fold
-from curvlib.structures.tensor_normal import mode_statistics, reshaped_dims
+from curvlib.structures.tensor_normal import mode_product, mode_statistics, reshaped_dims
 
 __all__ = ["Shampoo", "mode_product"]
 
 Reshape = Literal["out_in_kernel", "out_rest", "as_is"]
-_LETTERS = string.ascii_lowercase
-
-
-def mode_product(m: Tensor, factors: list[Tensor | None]) -> Tensor:
-    """``m ×_1 F_1 ×_2 … ×_k F_k`` for ``m`` of order ``k`` (``None``: the identity).
-
-    ``mv``/``mm`` for vectors and matrices, one planned opt_einsum contraction otherwise;
-    ``vec`` of the result is ``(F_1 ⊗ … ⊗ F_k) vec(m)`` (row-major).
-    """
-    k = m.dim()
-    if k == 1:
-        return m if factors[0] is None else factors[0] @ m
-    if k == 2:
-        out = m if factors[0] is None else factors[0] @ m
-        return out if factors[1] is None else out @ factors[1].T
-    letters = _LETTERS[:k]
-    operands = [m]
-    result = list(letters)
-    terms = [letters]
-    for i, f in enumerate(factors):
-        if f is None:
-            continue
-        result[i] = letters[i].upper()
-        terms.append(letters[i].upper() + letters[i])
-        operands.append(f)
-    if len(operands) == 1:
-        return m
-    return contract(",".join(terms) + "->" + "".join(result), *operands)
 
 
 @register("structure", "shampoo")

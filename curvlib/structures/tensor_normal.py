@@ -52,7 +52,14 @@ from curvlib.registry import register
 from curvlib.solvers import Solver, robust_inverse
 from curvlib.structures.base import Structure, fold
 
-__all__ = ["TensorNormal", "mode_statistics", "normalisation_scales", "normalise", "reshaped_dims"]
+__all__ = [
+    "TensorNormal",
+    "mode_product",
+    "mode_statistics",
+    "normalisation_scales",
+    "normalise",
+    "reshaped_dims",
+]
 
 Reshape = Literal["out_in_kernel", "out_rest", "as_is"]
 _LETTERS = string.ascii_lowercase
@@ -91,6 +98,33 @@ def mode_statistics(g: Tensor, modes: list[int] | None = None) -> list[Tensor]:
             right = "z" + letters[:i] + letters[i].upper() + letters[i + 1:]
             out.append(contract(f"{left},{right}->{letters[i]}{letters[i].upper()}", g, g) / s)
     return out
+
+
+def mode_product(m: Tensor, factors: list[Tensor | None]) -> Tensor:
+    """``m ×_1 F_1 ×_2 … ×_k F_k`` for ``m`` of order ``k`` (``None``: the identity).
+
+    ``mv``/``mm`` for vectors and matrices, one planned opt_einsum contraction otherwise;
+    ``vec`` of the result is ``(F_1 ⊗ … ⊗ F_k) vec(m)`` (row-major).
+    """
+    k = m.dim()
+    if k == 1:
+        return m if factors[0] is None else factors[0] @ m
+    if k == 2:
+        out = m if factors[0] is None else factors[0] @ m
+        return out if factors[1] is None else out @ factors[1].T
+    letters = _LETTERS[:k]
+    operands = [m]
+    result = list(letters)
+    terms = [letters]
+    for i, f in enumerate(factors):
+        if f is None:
+            continue
+        result[i] = letters[i].upper()
+        terms.append(letters[i].upper() + letters[i])
+        operands.append(f)
+    if len(operands) == 1:
+        return m
+    return contract(",".join(terms) + "->" + "".join(result), *operands)
 
 
 def normalisation_scales(factors: list[Tensor | None], dims: tuple[int, ...]
@@ -247,27 +281,9 @@ class TensorNormal(Structure):
         """``m ×_1 inv_1 ×_2 … ×_k inv_k``: ``mv``/``mm`` for vectors and matrices, one
         planned opt_einsum contraction for higher orders."""
         dims = self.dims(param.shape)
-        k = len(dims)
-        inverses = [state.get(f"tnt_inv{i}") for i in range(k)]
+        inverses = [state.get(f"tnt_inv{i}") for i in range(len(dims))]
         dtype = next((t.dtype for t in inverses if t is not None), vector.dtype)
-        m = vector.to(dtype).reshape(dims)
-        if k == 1:
-            out = m if inverses[0] is None else inverses[0] @ m
-        elif k == 2:
-            out = m if inverses[0] is None else inverses[0] @ m
-            out = out if inverses[1] is None else out @ inverses[1].T
-        else:
-            letters = _LETTERS[:k]
-            operands = [m]
-            result = list(letters)
-            terms = [letters]
-            for i, inv in enumerate(inverses):
-                if inv is None:
-                    continue
-                result[i] = letters[i].upper()
-                terms.append(letters[i].upper() + letters[i])
-                operands.append(inv)
-            out = contract(",".join(terms) + "->" + "".join(result), *operands)
+        out = mode_product(vector.to(dtype).reshape(dims), inverses)
         return out.reshape(param.shape).to(vector.dtype)
 
     def curvature_blocks(self, items) -> dict[tuple[str, ...], Tensor]:
