@@ -483,3 +483,16 @@ def cycle_record(item: Timed, sgd_round: Sequence[Sequence[float]], sgd_ms: floa
             "per_round_ratio_median": statistics.median(per_round),
             "per_round_ratio_min": min(per_round), "per_round_ratio_max": max(per_round),
             "cycles": len(item.samples), "steps_per_cycle": item.per}
+
+
+def shrink_png(path) -> None:
+    """Re-save a PNG with a 256-colour palette (about a third of the size, for committed
+    plots); if Pillow is missing or fails, matplotlib's full-colour PNG is kept."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(colors=256)
+        small.save(path, optimize=True)
+    except Exception:  # Pillow missing or failing: the plot stays as matplotlib wrote it
+        pass

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import loadavg, metadata
+from _common import loadavg, metadata, shrink_png
 
 import curvlib
 from curvlib.compare import digits_cnn, digits_mlp, load_digits_classification
@@ -501,13 +501,7 @@ def plot(results: dict, path: pathlib.Path, meta: dict, epochs: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    try:  # a 256-colour palette keeps the committed PNG small (about a third of the size)
-        from PIL import Image
-        with Image.open(path) as im:
-            small = im.convert("RGB").quantize(colors=256)
-        small.save(path, optimize=True)
-    except Exception:  # Pillow missing or failing: keep matplotlib's full-colour PNG
-        pass
+    shrink_png(path)
 
 
 if __name__ == "__main__":

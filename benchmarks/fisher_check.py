@@ -30,6 +30,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import shrink_png
+
 from curvlib.fisher_check import METHODS, REPORTED_LAYERS, dumps, fisher_check
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -119,14 +122,7 @@ def plot(curves: dict, path: pathlib.Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    try:  # a 256-colour palette keeps the committed PNG small
-        from PIL import Image
-
-        with Image.open(path) as im:
-            small = im.convert("RGB").quantize(colors=256)
-        small.save(path, optimize=True)
-    except Exception:  # Pillow missing or failing: keep matplotlib's full-colour PNG
-        pass
+    shrink_png(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,6 @@ def _curvlib(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_subcommand_writes_json_and_png(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn", reason='needs the bench extra: pip install -e ".[bench]"')
-    pytest.importorskip("matplotlib", reason='needs the bench extra: pip install -e ".[bench]"')
     path = tmp_path / "check.json"
     png = tmp_path / "curves.png"
     result = _curvlib("fisher-check", "--iters", "2", "--num-data", "64", "--batch-size", "32",
@@ -91,7 +89,6 @@ def test_bad_options_fail_clearly(args: list[str], message: str,
 
 
 def test_upsampled_digits() -> None:
-    pytest.importorskip("sklearn", reason='needs the bench extra: pip install -e ".[bench]"')
     inputs, labels = fisher_check.load_digits_16(20)
     small, same = cli.load_digits_data(20)
     assert inputs.shape == (20, 256) and inputs.dtype == F64
@@ -199,7 +196,6 @@ def test_batches_reshuffle_every_epoch_and_drop_the_remainder() -> None:
 
 
 def test_library_function_reports_the_documented_layout() -> None:
-    pytest.importorskip("sklearn", reason='needs the bench extra: pip install -e ".[bench]"')
     report = fisher_check.fisher_check(1e-2, 2, 0.005, 0, num_data=64, batch_size=32,
                                        first_layer="kfac")
     assert set(fisher_check.METHODS) <= set(report)
@@ -217,8 +213,6 @@ def test_library_function_reports_the_documented_layout() -> None:
 def test_reproduction_script_smoke_run(tmp_path: Path) -> None:
     """benchmarks/fisher_check.py (reproduction 2(a)) runs end to end: 5 iterations, seed 0,
     the three dampings; it writes its summary JSON and its plot."""
-    pytest.importorskip("sklearn", reason='needs the bench extra: pip install -e ".[bench]"')
-    pytest.importorskip("matplotlib", reason='needs the bench extra: pip install -e ".[bench]"')
     out = tmp_path / "fc.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fisher_check.py"), "--quick",
