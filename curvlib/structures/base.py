@@ -169,6 +169,8 @@ class Structure:
         :mod:`curvlib.testing.oracles`). Meant for small models: see
         :mod:`curvlib.diagnostics`.
         """
+        # raises on purpose: batch structures (smw, sharing) hold no running block, and the
+        # diagnostics must say so rather than compare against an empty dict
         raise NotImplementedError(
             f"{type(self).__name__} does not expose its curvature as dense blocks")
 

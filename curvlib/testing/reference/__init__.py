@@ -164,6 +164,10 @@ class ReferenceStructure:
     #: ``"vector"`` (``update``/``refresh``/``direction``) or ``"batch"`` (``precondition``).
     preconditions = "vector"
 
+    # The methods below raise on purpose: a vector reference overrides the first three, a
+    # batch reference ``precondition``; reaching a default means a reference declared the wrong
+    # ``preconditions``, which should fail loudly rather than check against nothing.
+
     def __init__(self, structure: Any, model: nn.Module, names: list[str]):
         self.structure = structure
         self.model = model
