@@ -69,6 +69,7 @@ class Call:
     grad_output: Tensor | None = None
     output_version: int = 0
     _handle: Any = field(default=None, repr=False)
+    _node: Any = field(default=None, repr=False)
 
     @property
     def input(self) -> Tensor:
@@ -115,6 +116,36 @@ def _detach(value: Any) -> Any:
     return value
 
 
+class _StoreGrad:
+    """The tensor hook on a recorded output: stores ``Z`` on its call, then tells the
+    capture's ``on_grad`` (through a weak reference: a hook never keeps a forgotten capture
+    and its tensors alive)."""
+
+    __slots__ = ("capture", "module", "call")
+
+    def __init__(self, capture: weakref.ref, module: nn.Module, call: Call):
+        self.capture, self.module, self.call = capture, module, call
+
+    def __call__(self, grad: Tensor) -> None:
+        self.call.grad_output = grad.detach()
+        capture = self.capture()
+        if capture is not None and capture.on_grad is not None:
+            capture.on_grad(self.module, self.call)
+
+
+class _NodeGrad:
+    """Pre-hook on the graph node that produced a recorded output: stores its ``Z``."""
+
+    __slots__ = ("call", "index")
+
+    def __init__(self, call: Call, index: int):
+        self.call, self.index = call, index
+
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        g = grad_outputs[self.index]
+        self.call.grad_output = None if g is None else g.detach()
+
+
 class Capture:
     """Context manager that records ``X``, ``Y`` and ``Z`` for a set of modules.
 
@@ -124,6 +155,12 @@ class Capture:
         clear_on_call_of: a module (usually the model) whose every call starts a new forward
             pass: the calls recorded before are forgotten, so a long-lived capture never
             accumulates the records of forward passes nobody backpropagated.
+        grad_hooks: ``True`` (default): a hook on every recorded output stores ``Z`` in
+            *any* backward pass (``loss.backward()`` included) as it happens. ``False``:
+            ``Z`` is recorded only by :meth:`backward_to_outputs`, from what that pass
+            returns; no Python runs inside the backward pass and none at forward time beyond
+            the record itself (the optimizers use this: it keeps the pass as lean as an
+            ordinary one). ``on_grad`` is then called after the pass, in call order.
 
     Attributes:
         calls: module → list of :class:`Call`, in call order (filled while active).
@@ -131,7 +168,7 @@ class Capture:
     """
 
     def __init__(self, modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module], *,
-                 clear_on_call_of: nn.Module | None = None):
+                 clear_on_call_of: nn.Module | None = None, grad_hooks: bool = True):
         if isinstance(modules, nn.Module):
             named = parameter_owners(modules)
         elif isinstance(modules, dict):
@@ -150,8 +187,11 @@ class Capture:
         self._recording = False
         self._active = False
         self._root = clear_on_call_of
-        #: If set, called as ``on_grad(module, call)`` as soon as a backward pass records a
-        #: call's ``Z`` (inside that pass), e.g. to form a layer's gradient while ``Z`` is hot.
+        self._ref = weakref.ref(self)
+        self.grad_hooks = bool(grad_hooks)
+        #: If set, called as ``on_grad(module, call)`` once a backward pass recorded a call's
+        #: ``Z``: inside that pass with ``grad_hooks`` (e.g. to form a layer's gradient while
+        #: ``Z`` is hot), right after :meth:`backward_to_outputs` without.
         self.on_grad: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -167,7 +207,7 @@ class Capture:
         """Register the hooks (what ``with`` does on entry)."""
         if self._active:
             raise CaptureError("this Capture is already active; it cannot be entered twice")
-        ref = weakref.ref(self)
+        ref = self._ref = weakref.ref(self)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             capture = ref()  # a hook never keeps a forgotten capture (and its tensors) alive
@@ -257,19 +297,15 @@ class Capture:
                 f"{type(output).__name__}; curvlib's capture needs modules that return one "
                 f"tensor. Wrap the module, or exclude its parameters from the optimizer."
             )
-        call = Call(_detach(tuple(args)), _detach(dict(kwargs)), output)
-        call.output_version = output._version
+        # this runs on every forward call of every watched module: the common case (tensor
+        # arguments, no keywords) takes no recursion
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
+        call = Call(inputs, _detach(kwargs) if kwargs else {}, output, None, output._version)
         if output.requires_grad:
-
-            ref = weakref.ref(self)
-
-            def store(grad: Tensor, call: Call = call, module: nn.Module = module) -> None:
-                call.grad_output = grad.detach()
-                capture = ref()
-                if capture is not None and capture.on_grad is not None:
-                    capture.on_grad(module, call)
-
-            call._handle = output.register_hook(store)
+            if self.grad_hooks:
+                call._handle = output.register_hook(_StoreGrad(self._ref, module, call))
+            else:  # the node that made Y: Z if an in-place operation later overwrites Y
+                call._node = (output.grad_fn, output.output_nr)
         self.calls[module].append(call)
 
     # -- backward to the outputs ---------------------------------------------------------------
@@ -303,18 +339,24 @@ class Capture:
                 f"backward_to_outputs needs a scalar, got shape {tuple(scalar.shape)}; "
                 f"sum the per-sample losses first"
             )
-        calls = [
-            c for cs in self.calls.values() for c in cs
-            if c.output is not None and c.output.requires_grad
-        ]
+        calls = []
+        modules = []
+        outputs = []
+        overwritten = False
+        for module, cs in self.calls.items():
+            for c in cs:
+                y = c.output
+                if y is not None and y.requires_grad:
+                    c.grad_output = None
+                    calls.append(c)
+                    modules.append(module)
+                    outputs.append(y)
+                    overwritten = overwritten or y._version != c.output_version
         if not calls:
             raise CaptureError(
                 "no recorded module output requires a gradient: run the forward pass inside "
                 "the capture, with parameters that require gradients"
             )
-        for c in calls:
-            c.grad_output = None
-        overwritten = any(c.output._version != c.output_version for c in calls)
         if overwritten:
             targets: list[Tensor] = []
             seen: set[int] = set()
@@ -324,13 +366,34 @@ class Capture:
                         seen.add(id(p))
                         targets.append(p)
         else:
-            targets = [c.output for c in calls]
+            targets = outputs
         extra = list(also)
-        grads = torch.autograd.grad(scalar, targets + extra, retain_graph=retain_graph,
-                                    allow_unused=True)
+        handles = []
+        if overwritten and not self.grad_hooks:
+            # no output hooks: read each Z at the node that produced Y (its pre-hook sees
+            # the gradient of that node's outputs, the value Y had before the overwrite)
+            for c in calls:
+                node, index = c._node if c._node is not None else (None, 0)
+                if node is None:
+                    raise CaptureError(
+                        "a recorded output was overwritten in place and has no graph node "
+                        "to read its gradient at; use Capture(grad_hooks=True)")
+                handles.append(node.register_prehook(_NodeGrad(c, index)))
+        try:
+            grads = torch.autograd.grad(scalar, targets + extra, retain_graph=retain_graph,
+                                        allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not self.grad_hooks and not overwritten:
+            for c, g in zip(calls, grads, strict=False):
+                c.grad_output = g
         for c in calls:
             if c.grad_output is None:
                 c.grad_output = torch.zeros_like(c.output).detach()
+        if not self.grad_hooks and self.on_grad is not None:
+            for module, c in zip(modules, calls, strict=True):
+                self.on_grad(module, c)
         return list(grads[len(targets):])
 
     def release_outputs(self) -> None:
@@ -341,3 +404,4 @@ class Capture:
                     c._handle.remove()
                     c._handle = None
                 c.output = None
+                c._node = None

@@ -43,6 +43,10 @@ from curvlib.registry import get, register
 __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "as_likelihood"]
 
 
+#: An ``ignore_index`` no class index can equal (``cross_entropy`` ignores -100 by default).
+_NO_INDEX = -(2**62)
+
+
 def _sum_per_sample(values: Tensor) -> Tensor:
     """Sum every dimension but the first: ``(N, *) -> (N,)``."""
     return values.reshape(values.shape[0], -1).sum(1)
@@ -132,9 +136,11 @@ class Categorical(Likelihood):
                 f"outputs of shape {tuple(outputs.shape)}, got {targets.dtype} of shape "
                 f"{tuple(targets.shape)}"
             )
-        log_p = outputs.log_softmax(1)
-        picked = log_p.gather(1, targets.unsqueeze(1).long()).squeeze(1)
-        return -_sum_per_sample(picked)
+        # one fused op (log-softmax and pick); no class index is ignored: an index out of
+        # range, negative ones included, raises as in gather
+        per_entry = F.cross_entropy(outputs, targets.long(), reduction="none",
+                                    ignore_index=_NO_INDEX)
+        return per_entry if per_entry.dim() == 1 else _sum_per_sample(per_entry)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self._check(outputs)

@@ -167,13 +167,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._covered = dict(sorted(self._covered.items(), key=lambda kv: order[kv[0]]))
             watched = {self._owner_names[id(p)] for p in self._covered.values()}
             self._capture = Capture({m: owner_modules[m] for m in owner_modules if m in watched},
-                                    clear_on_call_of=model)
+                                    clear_on_call_of=model, grad_hooks=False)
             self._capture.start()
             # plugins are resolved once, here (a layer plugin registered later is not seen)
             self._layout = data_layout(self._capture, self._covered)
             self._owners_of = {name: self._owner_names[id(p)] for name, p in self._covered.items()}
+            #: module → (plugin, local → global parameter names), for the shared steps
+            self._layer_of = {module: (plugin, params)
+                              for module, _, plugin, params in self._layout.layers}
+            self._dampings: tuple[tuple[float, ...], dict[str, float]] = ((), {})
         elif source.needs_capture:
-            self._capture = Capture(model, clear_on_call_of=model)
+            self._capture = Capture(model, clear_on_call_of=model, grad_hooks=False)
             self._capture.start()
             self._capture.set_recording(self._stats_due())
 
@@ -230,9 +234,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         n = int(losses.shape[0])
         context = BatchContext(
             step=self._step_count, batch_size=n, key=key, sample_ids=sample_ids,
-            params=self._covered,
-            owners=self._owners_of,
-            damping={name: float(g["damping"]) for name, g in self._group_of.items()},
+            params=self._covered, owners=self._owners_of, damping=self._damping_by_name(),
             damping_rule=self.damping_rule, solver=self.solver, store=self.structure_state)
         try:
             directions, plain, planned = self._precondition(context, outputs, targets, losses)
@@ -255,6 +257,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"not move this step", RuntimeWarning, stacklevel=3)
         self._prepared = True
         return losses.detach().mean()
+
+    def _damping_by_name(self) -> dict[str, float]:
+        """Covered parameter name → its group's ``damping`` (rebuilt only when a group's value
+        changed, e.g. by a scheduler)."""
+        values = tuple(float(g["damping"]) for g in self.param_groups)
+        if values != self._dampings[0]:
+            self._dampings = (values, {name: float(g["damping"])
+                                       for name, g in self._group_of.items()})
+        return self._dampings[1]
 
     def _precondition(self, context: BatchContext, outputs: Tensor, targets: Tensor,
                       losses: Tensor
@@ -298,7 +309,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gradient), so nothing waits for the end of the pass."""
         capture = self._capture
         assert capture is not None
-        layers = {module: (plugin, params) for module, _, plugin, params in self._layout.layers}
+        layers = self._layer_of
         out: dict[str, Tensor] = {}
 
         def on_grad(module: nn.Module, call: Any) -> None:
@@ -307,15 +318,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 weighted_layer_grads(entry[0], module, [call], entry[1], coefficients, out)
 
         capture.on_grad = on_grad
+        recording, capture._recording = capture._recording, False  # plugins may re-run layers
         try:
-            with capture.paused():
-                plain = capture.backward_to_outputs(losses.sum(), also=tuple(self._plain))
+            plain = capture.backward_to_outputs(losses.sum(), also=tuple(self._plain))
         finally:
             capture.on_grad = None
-        for name, p in self._covered.items():
-            if name not in out:  # a module that was not called
-                out[name] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype,
-                                                                          torch.float32))
+            capture._recording = recording
+        if len(out) != len(self._covered):
+            for name, p in self._covered.items():
+                if name not in out:  # a module that was not called
+                    out[name] = torch.zeros_like(
+                        p, dtype=torch.promote_types(p.dtype, torch.float32))
         return out, plain
 
     def _items(self, group: dict) -> list[tuple[str, nn.Parameter, dict]]:
@@ -494,7 +507,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
 def _accumulate(p: nn.Parameter, g: Tensor) -> None:
     """Add ``g`` to ``p.grad`` in the parameter's dtype (as autograd would)."""
-    g = g.detach().to(dtype=p.dtype, device=p.device)
+    if g.requires_grad:
+        g = g.detach()
+    if g.dtype != p.dtype or g.device != p.device:
+        g = g.to(dtype=p.dtype, device=p.device)
     if p.grad is None:
         p.grad = g.clone() if g.data_ptr() == p.data_ptr() else g.contiguous()
     else:

@@ -337,6 +337,9 @@ class SolveResult:
     recovered: Tensor
     failed: Tensor
     damping: Tensor
+    #: Every system was solved at the first attempt (``ok`` is all true), known without
+    #: reading the masks.
+    all_ok: bool = False
 
 
 def robust_solve(solver: Solver, matrices: Tensor, damping: Tensor | float, rhs: Tensor,
@@ -353,13 +356,15 @@ def robust_solve(solver: Solver, matrices: Tensor, damping: Tensor | float, rhs:
     damping = damping.expand(b).clone() if damping.dim() == 0 else damping.clone()
     dtype = torch.promote_types(matrices.dtype, rhs.dtype)
     finite = _finite(matrices) & _finite(rhs)
-    result = torch.zeros(rhs.shape, dtype=dtype, device=rhs.device)
-    ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
-    if bool(finite.all()):
+    all_finite = bool(finite.all())
+    if all_finite:
         x, good = solver.solve(matrices.to(dtype), damping, rhs.to(dtype))
         if bool(good.all()):
             none = torch.zeros_like(good)
-            return SolveResult(x, good, none, none, damping)
+            return SolveResult(x, good, none, none, damping, all_ok=True)
+    result = torch.zeros(rhs.shape, dtype=dtype, device=rhs.device)
+    ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
+    if all_finite:
         result = torch.where(good.reshape(-1, 1), x, result)
         ok = good.clone()
     elif finite.any():

@@ -98,11 +98,12 @@ def test_backward_to_outputs_leaves_parameter_grads_alone():
         cap.backward_to_outputs(out)
 
 
-def test_in_place_activation_after_a_layer_gives_the_right_z():
+@pytest.mark.parametrize("grad_hooks", [True, False])
+def test_in_place_activation_after_a_layer_gives_the_right_z(grad_hooks):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
     x = torch.randn(6, 3, dtype=torch.float64)
-    with Capture(model) as cap:
+    with Capture(model, grad_hooks=grad_hooks) as cap:
         out = model(x)
         cap.backward_to_outputs(out.square().sum())
     z = cap.calls[model[0]][0].grad_output
@@ -112,6 +113,28 @@ def test_in_place_activation_after_a_layer_gives_the_right_z():
     hidden.retain_grad()
     model[2](torch.relu(hidden)).square().sum().backward()
     assert_close(z, hidden.grad)
+
+
+def test_without_grad_hooks_z_comes_from_backward_to_outputs_only():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    seen = []
+    with Capture(model, grad_hooks=False) as cap:
+        out = model(x)
+        out.square().sum().backward(retain_graph=True)  # an ordinary pass records nothing
+        assert all(c.grad_output is None for cs in cap.calls.values() for c in cs)
+        assert all(c._handle is None for cs in cap.calls.values() for c in cs)
+        cap.on_grad = lambda module, call: seen.append((module, call.grad_output))
+        cap.backward_to_outputs(out.square().sum())
+    with Capture(model) as ref:  # the hooked capture is the reference
+        ref.backward_to_outputs(model(x).square().sum())
+    for module in (model[0], model[2]):
+        assert_close(cap.calls[module][0].grad_output, ref.calls[module][0].grad_output)
+    # on_grad ran after the pass, once per call, in call order, with Z already recorded
+    assert [m for m, _ in seen] == [model[0], model[2]]
+    for module, z in seen:
+        assert z is cap.calls[module][0].grad_output
 
 
 def test_modules_that_do_not_reach_the_loss_get_zero_z_and_unused_ones_no_calls():

@@ -393,3 +393,64 @@ def test_shared_steps_in_the_backward_hooks_handle_repeated_calls_and_tensor_blo
             if not name.startswith("unused") else torch.zeros(5, dtype=F64)
         assert_close(p.grad.flatten(), c @ rows[:, idx], rtol=1e-10, atol=1e-300,
                      what=f"shared direction of {name}")
+
+
+def test_in_place_activations_give_the_same_refresh_and_shared_steps():
+    """The optimizer's capture reads Z from the backward pass it runs (no output hooks): a
+    ReLU(inplace=True) that overwrites a layer's output must not change any step."""
+    torch.manual_seed(3)
+
+    def net(inplace):
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 5),
+                             nn.ReLU(inplace=inplace), nn.Linear(5, 3)).to(F64)
+
+    plain = net(False)
+    inplace = net(True)
+    inplace.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(7, 4, generator=gen, dtype=F64), torch.randint(0, 3, (7,), generator=gen))
+            for _ in range(4)]
+    opts = [curvlib.FNGD(m, "categorical", lr=0.1, alpha=0.3, steps_per_epoch=2)
+            for m in (plain, inplace)]
+    for t, (x, y) in enumerate(data):  # two refresh steps, then two shared steps
+        for opt, m in zip(opts, (plain, inplace), strict=True):
+            opt.zero_grad()
+            opt.backward(m(x), y)
+            opt.step()
+        assert opts[1].last_refresh == ({"refreshed": 1} if t < 2 else {"shared": 1})
+        for a, b in zip(plain.parameters(), inplace.parameters(), strict=True):
+            assert_close(b, a, rtol=1e-12, what=f"in-place vs plain ReLU at step {t}")
+
+
+def test_a_shared_step_uses_the_stored_coefficients_as_they_are_now():
+    """Shared steps keep working copies of the stored coefficients; editing or replacing the
+    stored ones (by hand, or by load_state_dict) is seen by the next shared step."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(6, 3, generator=gen, dtype=F64), torch.randint(0, 2, (6,), generator=gen)
+    opt = curvlib.FNGD(model, "categorical", lr=0.0, alpha=0.5, steps_per_epoch=1)
+    train(opt, model, [(x, y), (x, y)])  # a refresh, then a shared step (cached copies)
+    rows = oracles.per_sample_grads(model, "categorical", x, y)
+    slices = layer_slices(model)
+    stored = opt.structure_state["positions"][0]["coefficients"]
+
+    def expected():
+        out = torch.empty(rows.shape[1], dtype=F64)
+        for name, idx in slices.items():
+            out[idx] = stored[name] @ rows[:, idx]
+        return out
+
+    stored["0"].mul_(3.0)  # in place
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    assert opt.last_refresh == {"shared": 1}
+    assert_close(flat_grads(model), expected(), rtol=1e-10, what="after an in-place edit")
+    opt.step()
+    sd = opt.state_dict()
+    sd["curvlib"]["structure"]["positions"][0]["coefficients"]["2"] *= -1.0
+    opt.load_state_dict(sd)
+    stored = opt.structure_state["positions"][0]["coefficients"]
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    assert_close(flat_grads(model), expected(), rtol=1e-10, what="after load_state_dict")

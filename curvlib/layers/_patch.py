@@ -101,21 +101,19 @@ def weight_gram(x: Tensor, z: Tensor, method: GramMethod) -> Tensor:
         return u @ u.T
     if t == 1:
         zz, xx = one_position_grams(x, z)
-        return (zz * xx).sum(-1)
+        return zz * xx if g == 1 else (zz * xx).sum(-1)
     zz = contract("mtgo,nsgo->mtnsg", z, z)
     xx = contract("mtgd,nsgd->mtnsg", x, x)
     return contract("mtnsg,mtnsg->mn", zz, xx)
 
 
 def one_position_grams(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ZZᵀ, XXᵀ)`` per group, each ``(N, N, G)``, for one position (``T = 1``).
-
-    With one group these are two plain matrix products (no einsum dispatch: this runs on
-    every FNGD refresh step, where small-op overhead counts).
-    """
+    """``(ZZᵀ, XXᵀ)`` for one position (``T = 1``): ``(N, N)`` each with one group (two
+    plain matrix products, no einsum dispatch and no group axis: this runs on every FNGD
+    refresh step, where small-op overhead counts), ``(N, N, G)`` per group otherwise."""
     if x.shape[2] == 1:
         z2, x2 = z[:, 0, 0], x[:, 0, 0]
-        return (z2 @ z2.T).unsqueeze(-1), (x2 @ x2.T).unsqueeze(-1)
+        return z2 @ z2.T, x2 @ x2.T
     x1, z1 = x[:, 0], z[:, 0]
     return contract("mgo,ngo->mng", z1, z1), contract("mgd,ngd->mng", x1, x1)
 

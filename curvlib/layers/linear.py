@@ -85,8 +85,10 @@ class PatchPlugin(LayerPlugin):
                 == "contract"):
             # one position: the bias Gram Σ_g z_m·z_n is the weight contraction's Z factor
             zz, xx = _patch.one_position_grams(x, z)
-            out["weight"] = (zz * xx).sum(-1)
-            out["bias"] = zz.sum(-1)
+            if g == 1:
+                out["weight"], out["bias"] = zz * xx, zz
+            else:
+                out["weight"], out["bias"] = (zz * xx).sum(-1), zz.sum(-1)
             return out
         if "weight" in params:
             out["weight"] = _patch.weight_gram(x, z, self.gram_method)
@@ -106,11 +108,14 @@ class PatchPlugin(LayerPlugin):
         """
         self.check_coefficients(module, calls, coefficients)
         params = self.selected_parameters(module, params)
+        weight, bias = "weight" in params, "bias" in params
         out: dict[str, Tensor] = {}
         for call in calls:
             dtype = work_dtype(call.input, call.grad_output)  # c never promotes
-            c = coefficients.to(device=call.grad_output.device, dtype=dtype)
-            w, b = self.weighted_call(module, call, c, "weight" in params, "bias" in params)
+            c = coefficients
+            if c.dtype != dtype or c.device != call.grad_output.device:
+                c = c.to(device=call.grad_output.device, dtype=dtype)
+            w, b = self.weighted_call(module, call, c, weight, bias)
             if w is not None:
                 out["weight"] = w if "weight" not in out else out["weight"] + w
             if b is not None:
@@ -126,8 +131,11 @@ class PatchPlugin(LayerPlugin):
         of the two is scaled (one temporary of that size). The bias part is
         ``Σ_n c_n Σ_t z_nt``.
         """
-        z = call.grad_output.to(c.dtype)
-        x = call.input.to(c.dtype)
+        z, x = call.grad_output, call.input
+        if z.dtype != c.dtype:
+            z = z.to(c.dtype)
+        if x.dtype != c.dtype:
+            x = x.to(c.dtype)
         w = b = None
         if weight:
             if x.numel() <= z.numel():
@@ -270,6 +278,24 @@ class LinearPlugin(PatchPlugin):
     def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         """``Zᵀ X`` over all samples and positions."""
         return z.reshape(-1, z.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    def weighted_call(self, module: nn.Module, call: Call, c: Tensor, weight: bool,
+                      bias: bool) -> tuple[Tensor | None, Tensor | None]:
+        """As :meth:`PatchPlugin.weighted_call`; with one position (2-D ``X`` and ``Z``, the
+        usual case) the products are taken directly: ``Zᵀ(c⊙X)`` or ``(c⊙Z)ᵀX``, whichever
+        scales the smaller matrix, and ``Zᵀc``."""
+        z, x = call.grad_output, call.input
+        if x.dim() != 2 or z.dim() != 2 or x.dtype != c.dtype or z.dtype != c.dtype:
+            return super().weighted_call(module, call, c, weight, bias)
+        w = b = None
+        if weight:
+            if x.shape[1] <= z.shape[1]:
+                w = torch.mm(z.T, x * c.unsqueeze(1))
+            else:
+                w = torch.mm((z * c.unsqueeze(1)).T, x)
+        if bias:
+            b = torch.mv(z.T, c)
+        return w, b
 
     def bias_grad_per_sample(self, module: nn.Module, z: Tensor) -> Tensor:
         """``Σ_t z_nt`` (``Z`` itself, no copy, with one position)."""

@@ -97,6 +97,9 @@ class CoefficientSharing(Structure):
         self.key = key
         self.refresh_every = None if refresh_every is None else int(refresh_every)
         self.size_mismatch = size_mismatch
+        #: position key → (stored coefficients, params, their versions, cast copies); see
+        #: _per_parameter
+        self._cast: dict[Any, tuple[Any, Any, tuple[int, ...], dict[str, Tensor]]] = {}
 
     @classmethod
     def examples(cls) -> list[Structure]:
@@ -220,9 +223,40 @@ class CoefficientSharing(Structure):
             return Plan(curvature=False, loss_weights=stored["model"])
         blocks = self.inner.partition(context)
         if set(blocks) == set(stored):  # each layer's Σ c g formed as its Z arrives
-            return Plan(curvature=False, coefficients={
-                name: stored[b] for b, names in blocks.items() for name in names})
+            return Plan(curvature=False, coefficients=self._per_parameter(
+                context, notes.get("key"), stored, blocks))
         return Plan(curvature=False)
+
+    def _per_parameter(self, context: BatchContext, key: Any, stored: dict[str, Tensor],
+                       blocks: dict[str, list[str]]) -> dict[str, Tensor]:
+        """Parameter name → its block's stored ``c`` in the parameter's working dtype
+        (float32 or wider) and device.
+
+        For position keys the cast copies are kept per key beside the store (never saved;
+        a new store entry, e.g. after a refresh or ``load_state_dict``, replaces them), so a
+        shared step converts nothing.
+        """
+        cached = self._cast.get(key) if key is not None else None
+        versions = tuple(c._version for c in stored.values())  # in-place edits invalidate
+        if (cached is not None and cached[0] is stored and cached[1] is context.params
+                and cached[2] == versions):
+            return cached[3]
+        out: dict[str, Tensor] = {}
+        for b, names in blocks.items():
+            c = stored[b]
+            for name in names:
+                p = context.params[name]
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                out[name] = c if c.dtype == dtype and c.device == p.device else c.to(
+                    device=p.device, dtype=dtype)
+            # parameters of one block share one vector (plugins then form them together)
+            first = out[names[0]]
+            for name in names[1:]:
+                if out[name].dtype == first.dtype and out[name].device == first.device:
+                    out[name] = first
+        if key is not None and self.key == "position" and not isinstance(key, Tensor):
+            self._cast[key] = (stored, context.params, versions, out)
+        return out
 
     def gradient(self, context: BatchContext, data: Any, curvature: Any) -> dict[str, Tensor]:
         """Refresh: the inner structure's coefficients (kept for :meth:`commit`) and

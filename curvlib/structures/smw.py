@@ -79,6 +79,7 @@ class SMW(Structure):
         if cover not in ("registered", "all"):
             raise ValueError(f"cover must be 'registered' or 'all', got {cover!r}")
         self.blocks, self.scale, self.cover = blocks, scale, cover
+        self._partition: tuple[Any, Any, dict[str, list[str]]] | None = None
 
     @classmethod
     def examples(cls) -> list[Structure]:
@@ -96,19 +97,35 @@ class SMW(Structure):
     # -- blocks and coefficients ----------------------------------------------------------------
 
     def partition(self, context: BatchContext) -> dict[str, list[str]]:
-        """Block name → covered parameter names (model order)."""
+        """Block name → covered parameter names (model order).
+
+        The result depends only on ``context.params`` and ``context.owners``, which the
+        optimizer keeps from step to step, so it is computed once for them and reused.
+        """
+        cached = self._partition
+        if (cached is not None and cached[0] is context.params
+                and cached[1] is context.owners):
+            return cached[2]
         if self.blocks == "tensor":
-            return {name: [name] for name in context.params}
-        if self.blocks == "model":
-            return {"model": list(context.params)}
-        out: dict[str, list[str]] = {}
-        for name in context.params:
-            out.setdefault(context.owners[name], []).append(name)
+            out = {name: [name] for name in context.params}
+        elif self.blocks == "model":
+            out = {"model": list(context.params)}
+        else:
+            out = {}
+            for name in context.params:
+                out.setdefault(context.owners[name], []).append(name)
+        self._partition = (context.params, context.owners, out)
         return out
 
     def _block_grams(self, blocks: dict[str, list[str]], curvature: Any) -> Tensor:
         grams = curvature.gram()
-        return torch.stack([sum(grams[n] for n in names) for names in blocks.values()])
+        summed = []
+        for names in blocks.values():
+            k = grams[names[0]]
+            for name in names[1:]:
+                k = k + grams[name]
+            summed.append(k)
+        return torch.stack(summed)
 
     def _dampings(self, context: BatchContext, blocks: dict[str, list[str]],
                   grams: Tensor) -> Tensor:
@@ -150,20 +167,27 @@ class SMW(Structure):
         # λ = 0 with a positive damping value: the frobenius rule saw K = 0, no gradient at
         # all, and any c gives U c = 0 (c = 1/M is stored, the large-damping limit)
         zero = lam == 0
-        solved = robust_solve(context.solver, grams, torch.where(zero, 1.0, lam) * m, ones)
+        some_zero = bool(zero.any())
+        if some_zero:
+            lam = torch.where(zero, 1.0, lam)
+        solved = robust_solve(context.solver, grams, lam * m, ones)
         c = solved.solution
         if self.scale == "sgd":
-            c = c * torch.where(zero, 1.0, lam).unsqueeze(1)
-        c = torch.where(zero.unsqueeze(1), ones / m, c)
-        failed = solved.failed & ~zero
-        if bool(failed.any()):
-            c = torch.where(failed.unsqueeze(1), torch.zeros_like(c), c)
-            names = list(blocks)
-            context.notes["skipped"] = [names[i] for i in failed.nonzero().flatten().tolist()]
-            context.report["skipped"] = context.report.get("skipped", 0) + int(failed.sum())
-        if bool(solved.recovered.any()):
-            context.report["recovered"] = (context.report.get("recovered", 0)
-                                           + int(solved.recovered.sum()))
+            c = c * lam.unsqueeze(1)
+        if some_zero:
+            c = torch.where(zero.unsqueeze(1), ones / m, c)
+        if not solved.all_ok:
+            failed = solved.failed & ~zero
+            if bool(failed.any()):
+                c = torch.where(failed.unsqueeze(1), torch.zeros_like(c), c)
+                names = list(blocks)
+                context.notes["skipped"] = [names[i]
+                                            for i in failed.nonzero().flatten().tolist()]
+                context.report["skipped"] = (context.report.get("skipped", 0)
+                                             + int(failed.sum()))
+            if bool(solved.recovered.any()):
+                context.report["recovered"] = (context.report.get("recovered", 0)
+                                               + int(solved.recovered.sum()))
         return dict(zip(blocks, c.unbind(0), strict=True))
 
     def apply(self, context: BatchContext, data: Any, coefficients: dict[str, Tensor]
