@@ -34,8 +34,7 @@ Watched modules are, by default, the modules that directly own a trainable param
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +130,23 @@ class _StoreGrad:
         capture = self.capture()
         if capture is not None and capture.on_grad is not None:
             capture.on_grad(self.module, self.call)
+
+
+class _Paused:
+    """``with capture.paused():`` (a plain class: it is entered several times per step)."""
+
+    __slots__ = ("capture", "previous")
+
+    def __init__(self, capture: Capture):
+        self.capture = capture
+        self.previous = False
+
+    def __enter__(self) -> None:
+        self.previous = self.capture._recording
+        self.capture._recording = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.capture._recording = self.previous
 
 
 class _NodeGrad:
@@ -262,15 +278,10 @@ class Capture:
         """Whether calls are being recorded."""
         return self._recording
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Do not record calls inside this block (used when plugins re-run a module)."""
-        previous = self._recording
-        self._recording = False
-        try:
-            yield
-        finally:
-            self._recording = previous
+    def paused(self) -> _Paused:
+        """Do not record calls inside this ``with`` block (used when plugins re-run a
+        module)."""
+        return _Paused(self)
 
     def clear(self) -> None:
         """Forget every recorded call (the hooks stay registered)."""

@@ -63,7 +63,9 @@ class Frobenius(Damping):
         """``value · ‖A_b‖_F`` for each of the ``B`` matrices (float64)."""
         if value < 0:
             raise ValueError(f"damping must be non-negative, got {value}")
-        norms = torch.linalg.matrix_norm(matrices.to(torch.float64), ord="fro")
+        if matrices.dtype != torch.float64:
+            matrices = matrices.to(torch.float64)
+        norms = torch.linalg.matrix_norm(matrices, ord="fro")
         return float(value) * norms
 
 

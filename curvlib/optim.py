@@ -237,7 +237,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             params=self._covered, owners=self._owners_of, damping=self._damping_by_name(),
             damping_rule=self.damping_rule, solver=self.solver, store=self.structure_state)
         try:
-            directions, plain, planned = self._precondition(context, outputs, targets, losses)
+            mean = losses.detach().mean()
+            directions, plain, planned = self._precondition(context, outputs, targets, losses,
+                                                            mean)
         finally:
             capture.release_outputs()
             capture.clear()
@@ -256,7 +258,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"finite or could not be solved even in float64 with raised damping; they do "
                 f"not move this step", RuntimeWarning, stacklevel=3)
         self._prepared = True
-        return losses.detach().mean()
+        return mean
 
     def _damping_by_name(self) -> dict[str, float]:
         """Covered parameter name → its group's ``damping`` (rebuilt only when a group's value
@@ -268,7 +270,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._dampings[1]
 
     def _precondition(self, context: BatchContext, outputs: Tensor, targets: Tensor,
-                      losses: Tensor
+                      losses: Tensor, mean: Tensor
                       ) -> tuple[dict[str, Tensor], list[Tensor | None], bool]:
         """The covered parameters' directions, the plain parameters' summed gradients, and
         whether the structure planned this step (nothing is covered: it is not asked)."""
@@ -296,7 +298,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature = self.source.collect(self.model, self.likelihood, outputs, targets,
                                             capture=self._capture, generator=self.generator)
         data, plain = data_pass(self.model, self.likelihood, outputs, targets, self._capture,
-                                losses=losses, also=tuple(self._plain), layout=self._layout)
+                                losses=losses, also=tuple(self._plain), layout=self._layout,
+                                mean_loss=mean)
         if shares:
             curvature = self.source.from_data_pass(data)
         directions = self.structure.gradient(context, data, curvature)

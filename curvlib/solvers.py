@@ -128,14 +128,18 @@ class Cholesky(Solver):
         factorisation reads only the lower triangle).
         """
         damped = matrices.clone()
-        damped.diagonal(dim1=-2, dim2=-1).add_(damping.to(matrices.dtype).unsqueeze(-1))
+        if damping.dtype != matrices.dtype:
+            damping = damping.to(matrices.dtype)
+        damped.diagonal(dim1=-2, dim2=-1).add_(damping.unsqueeze(-1))
         factor, info = torch.linalg.cholesky_ex(damped)
-        failed = info != 0
-        if failed.any():
+        failed = None
+        if bool(info.any()):
+            failed = info != 0
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
             factor = torch.where(failed.reshape(-1, 1, 1), eye, factor)
         solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
-        return solution, ~failed & _finite(solution)
+        good = _finite(solution)
+        return solution, good if failed is None else good & ~failed
 
 
 @register("solver", "eigh")
@@ -353,15 +357,21 @@ def robust_solve(solver: Solver, matrices: Tensor, damping: Tensor | float, rhs:
     """
     b = matrices.shape[0]
     damping = torch.as_tensor(damping, dtype=torch.float64, device=matrices.device)
-    damping = damping.expand(b).clone() if damping.dim() == 0 else damping.clone()
-    dtype = torch.promote_types(matrices.dtype, rhs.dtype)
-    finite = _finite(matrices) & _finite(rhs)
+    damping = damping.expand(b) if damping.dim() == 0 else damping
+    dtype = matrices.dtype if matrices.dtype == rhs.dtype else torch.promote_types(
+        matrices.dtype, rhs.dtype)
+    # per system: every entry of the matrix and the right-hand side finite (one sum each; a
+    # sum that overflows counts as not finite, which errs on the safe side)
+    finite = torch.isfinite(matrices.sum(dim=tuple(range(1, matrices.dim())))
+                            + rhs.sum(dim=tuple(range(1, rhs.dim()))))
     all_finite = bool(finite.all())
     if all_finite:
-        x, good = solver.solve(matrices.to(dtype), damping, rhs.to(dtype))
+        x, good = solver.solve(matrices if matrices.dtype == dtype else matrices.to(dtype),
+                               damping, rhs if rhs.dtype == dtype else rhs.to(dtype))
         if bool(good.all()):
             none = torch.zeros_like(good)
-            return SolveResult(x, good, none, none, damping, all_ok=True)
+            return SolveResult(x, good, none, none, damping.clone(), all_ok=True)
+    damping = damping.clone()  # the retries raise it in place
     result = torch.zeros(rhs.shape, dtype=dtype, device=rhs.device)
     ok = torch.zeros(b, dtype=torch.bool, device=matrices.device)
     if all_finite:

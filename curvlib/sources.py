@@ -34,8 +34,8 @@ they need not. Randomness comes only from the caller's :class:`torch.Generator`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -129,11 +129,8 @@ class Statistics:
                 f"TrueFisher(per_sample=True) for sampled per-sample quantities"
             )
 
-    @contextmanager
-    def _quiet(self) -> Iterator[None]:
-        ctx = self._capture.paused() if self._capture is not None else nullcontext()
-        with ctx:
-            yield
+    def _quiet(self) -> Any:
+        return self._capture.paused() if self._capture is not None else nullcontext()
 
     def _owners(self) -> dict[str, list[tuple[_Layer, str]]]:
         owners: dict[str, list[tuple[_Layer, str]]] = {}
@@ -166,8 +163,11 @@ class Statistics:
         """
         self._need("gram")
         if self._gram is None:
-            owners = self._owners()
-            shared = {name for name, own in owners.items() if len(own) > 1}
+            seen: set[str] = set()
+            shared: set[str] = set()
+            for layer in self._layers:
+                for name in layer.params.values():
+                    (shared if name in seen else seen).add(name)
             out: dict[str, Tensor] = {}
             with self._quiet():
                 for layer in self._layers:
@@ -370,6 +370,9 @@ class Statistics:
     def _complete(self, values: dict[str, Tensor], shape_of, only: set[str] | None = None
                   ) -> dict[str, Tensor]:
         """Model-ordered dict; zeros for parameters whose modules were not called."""
+        if only is None and len(values) == len(self.shapes) and list(values) == list(
+                self.shapes):
+            return values  # every parameter, already in model order
         out = {}
         ref = next(iter(values.values()), None)
         for name, shape in self.shapes.items():
@@ -663,28 +666,28 @@ DATA_PASS_PROVIDES = frozenset({"per_sample_grads", "gram", "weighted_grads", "r
 
 def data_pass(model: nn.Module, likelihood: Any, outputs: Tensor, targets: Tensor,
               capture: Capture, *, losses: Tensor | None = None,
-              also: tuple[Tensor, ...] = (), layout: DataLayout | None = None
-              ) -> tuple[Statistics, list[Tensor | None]]:
+              also: tuple[Tensor, ...] = (), layout: DataLayout | None = None,
+              mean_loss: Tensor | None = None) -> tuple[Statistics, list[Tensor | None]]:
     """One backward pass of the summed data loss to the recorded layer outputs.
 
     This is the ordinary backward pass of training, stopped at the layer outputs (FNGD,
     Section IV-C): no parameter gradient of a recorded layer is formed. ``also`` are
     tensors (parameters outside the recorded layers) whose gradients of ``Σ_n ℓ_n`` are
     computed in the same pass and returned (``None`` where unused). ``losses`` are the
-    per-sample losses if already computed; ``layout`` (:func:`data_layout`) restricts the
-    statistics to its parameters.
+    per-sample losses if already computed, ``mean_loss`` their detached mean;
+    ``layout`` (:func:`data_layout`) restricts the statistics to its parameters.
 
     Returns the data rows as :class:`Statistics` (source name ``"data"``) and those
     gradients.
     """
-    lik = as_likelihood(likelihood)
     if losses is None:
-        losses = lik.loss(outputs, targets)
+        losses = as_likelihood(likelihood).loss(outputs, targets)
     with capture.paused():
         extra = capture.backward_to_outputs(losses.sum(), also=tuple(also))
     grads = {m: [[c.grad_output for c in calls]] for m, calls in capture.calls.items()}
     stats = _statistics("data", model, capture, grads, [targets], False, DATA_PASS_PROVIDES,
-                        int(outputs.shape[0]), losses.detach().mean(), layout)
+                        int(outputs.shape[0]),
+                        losses.detach().mean() if mean_loss is None else mean_loss, layout)
     return stats, extra
 
 

@@ -79,6 +79,7 @@ def pick_gram_method(method: str, costs: dict[str, int], memory: dict[str, int])
     return best
 
 
+@lru_cache(maxsize=256)
 def choose_gram_method(method: GramMethod, n: int, t: int, g: int, d: int, o: int) -> str:
     """``contract`` or ``materialise`` for a weight ``(G, O, D)`` at ``N`` samples, ``T``
     positions: the forced one, or the cheaper one for ``auto``."""

@@ -53,11 +53,17 @@ class LayerPluginError(RuntimeError):
     """A layer plugin cannot compute a quantity for a module (the message says why)."""
 
 
+#: Dtypes that float32 absorbs (the common case of :func:`work_dtype`, decided without a
+#: dispatcher call).
+_WITHIN_FLOAT32 = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
 def work_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype curvature is computed in: the promoted dtype of ``tensors`` and float32."""
     dtype = torch.float32
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype not in _WITHIN_FLOAT32:
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 

@@ -275,6 +275,23 @@ class LinearPlugin(PatchPlugin):
         return (x.to(dtype).reshape(n, -1, 1, x.shape[-1]),
                 z.to(dtype).reshape(n, -1, 1, z.shape[-1]))
 
+    def gram(self, module: nn.Module, calls: Sequence[Call]) -> dict[str, Tensor]:
+        """As :meth:`PatchPlugin.gram`; one call with 2-D ``X`` and ``Z`` (the usual case)
+        takes the Khatri–Rao form directly when it is the chosen method:
+        ``K_W = (ZZᵀ)∗(XXᵀ)``, ``K_b = ZZᵀ``."""
+        if len(calls) == 1:
+            call = calls[0]
+            x, z = call.input, call.grad_output
+            if (z is not None and x.dim() == 2 and z.dim() == 2 and x.dtype == z.dtype
+                    and x.dtype in (torch.float32, torch.float64)
+                    and module.weight is not None and module.weight.requires_grad
+                    and module.bias is not None and module.bias.requires_grad
+                    and _patch.choose_gram_method(self.gram_method, x.shape[0], 1, 1,
+                                                  x.shape[1], z.shape[1]) == "contract"):
+                zz = torch.mm(z, z.T)
+                return {"weight": zz * torch.mm(x, x.T), "bias": zz}
+        return super().gram(module, calls)
+
     def weight_gradient(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         """``Zᵀ X`` over all samples and positions."""
         return z.reshape(-1, z.shape[-1]).T @ x.reshape(-1, x.shape[-1])

@@ -138,7 +138,8 @@ class SMW(Structure):
             )
         distinct = set(values)
         if len(distinct) == 1:  # the common case: one param group
-            return context.damping_rule(values[0], grams).to(torch.float64)
+            lam = context.damping_rule(values[0], grams)
+            return lam if lam.dtype == torch.float64 else lam.to(torch.float64)
         out = torch.empty(len(values), dtype=torch.float64, device=grams.device)
         for value in distinct:
             idx = torch.tensor([i for i, v in enumerate(values) if v == value],
@@ -195,7 +196,18 @@ class SMW(Structure):
         """``Σ_m c_m g_m`` per block over the data pass's rows (the layers' weighted
         gradients; nothing per-sample is materialised for registered layers)."""
         blocks = self.partition(context)
-        per_param = {n: coefficients[b] for b, names in blocks.items() for n in names}
+        vectors = [coefficients[b] for b in blocks]
+        first = next(iter(context.params.values()), None)
+        if first is not None and len(vectors) > 1:
+            # one conversion to the working dtype for all blocks (not one per layer), when
+            # every covered parameter has the first one's dtype and device
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            if vectors[0].dtype != dtype and all(
+                    p.dtype == first.dtype and p.device == first.device
+                    for p in context.params.values()):
+                vectors = torch.stack(vectors).to(device=first.device, dtype=dtype).unbind(0)
+        per_param = {n: c for c, names in zip(vectors, blocks.values(), strict=True)
+                     for n in names}
         out = data.weighted_grads(per_param)
         for block in context.notes.get("skipped", ()):  # 0·inf would not be 0: zero them
             for name in blocks[block]:
