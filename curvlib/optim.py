@@ -395,9 +395,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     grads.append(p.grad)
                     bufs.append(buf)
                 params.append(p)
-            if bufs:  # m ← μ m + g, as multi-tensor ops (one kernel per op on GPU)
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, grads)
+            if bufs:
+                _momentum_(bufs, grads, mu)
             if not params:
                 continue
             directions = [self.state[p]["momentum_buffer"] for p in params]
@@ -506,6 +505,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return (f"{type(self).__name__}(source={self.source!r}, structure={self.structure!r}, "
                 f"solver={self.solver!r}, damping={self.damping_rule!r}, "
                 f"groups={len(self.param_groups)})")
+
+
+def _momentum_(bufs: list[Tensor], grads: list[Tensor], mu: float) -> None:
+    """``m ← μ m + g`` in place for every buffer.
+
+    On the CPU one pass per buffer (``add(g, m, alpha=μ)`` written into ``m``: memory
+    traffic, not arithmetic, is the cost there); elsewhere two multi-tensor ops (one kernel
+    each for all buffers: launches, not traffic, are the cost on a GPU).
+    """
+    if bufs[0].device.type == "cpu":
+        for buf, g in zip(bufs, grads, strict=True):
+            torch.add(g, buf, alpha=mu, out=buf)
+    else:
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
 
 
 def _accumulate(p: nn.Parameter, g: Tensor) -> None:
