@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 __all__ = ["Call", "Capture", "CaptureError", "parameter_owners"]
 
@@ -56,7 +57,9 @@ class Call:
         inputs: the positional arguments, tensors detached from the graph (``X`` is
             ``inputs[0]`` for single-input layers).
         kwargs: the keyword arguments, tensors detached.
-        output: the returned tensor ``Y``, attached to the graph (``None`` once released).
+        output: the returned tensor ``Y``, attached to the graph (``None`` once released, and
+            not kept by a ``Capture(grad_hooks=False, keep_outputs=False)``, which records
+            only the graph edge that produced it).
         grad_output: ``Z = ∂(scalar)/∂Y`` from the latest backward pass, else ``None``.
         output_version: ``Y``'s version counter right after the call; a larger value later
             means an in-place operation changed ``Y``.
@@ -68,7 +71,8 @@ class Call:
     grad_output: Tensor | None = None
     output_version: int = 0
     _handle: Any = field(default=None, repr=False)
-    _node: Any = field(default=None, repr=False)
+    _node: Any = field(default=None, repr=False)  # Y's gradient edge (grad_hooks=False)
+    _meta: Any = field(default=None, repr=False)  # Y's (shape, dtype, device)
 
     @property
     def input(self) -> Tensor:
@@ -132,6 +136,11 @@ class _StoreGrad:
             capture.on_grad(self.module, self.call)
 
 
+_NOTHING_RECORDED = (
+    "no recorded module output requires a gradient: run the forward pass inside the capture, "
+    "with parameters that require gradients")
+
+
 class _Paused:
     """``with capture.paused():`` (a plain class: it is entered several times per step)."""
 
@@ -149,19 +158,6 @@ class _Paused:
         self.capture._recording = self.previous
 
 
-class _NodeGrad:
-    """Pre-hook on the graph node that produced a recorded output: stores its ``Z``."""
-
-    __slots__ = ("call", "index")
-
-    def __init__(self, call: Call, index: int):
-        self.call, self.index = call, index
-
-    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
-        g = grad_outputs[self.index]
-        self.call.grad_output = None if g is None else g.detach()
-
-
 class Capture:
     """Context manager that records ``X``, ``Y`` and ``Z`` for a set of modules.
 
@@ -174,9 +170,16 @@ class Capture:
         grad_hooks: ``True`` (default): a hook on every recorded output stores ``Z`` in
             *any* backward pass (``loss.backward()`` included) as it happens. ``False``:
             ``Z`` is recorded only by :meth:`backward_to_outputs`, from what that pass
-            returns; no Python runs inside the backward pass and none at forward time beyond
-            the record itself (the optimizers use this: it keeps the pass as lean as an
-            ordinary one). ``on_grad`` is then called after the pass, in call order.
+            returns, as the gradient at the graph edge that produced ``Y`` (so an output
+            overwritten in place later still gets the gradient of the value the module
+            returned); no Python runs inside the backward pass and none at forward time
+            beyond the record itself (the optimizers use this: it keeps the pass as lean as
+            an ordinary one). ``on_grad`` is then called after the pass, in call order.
+        keep_outputs: with ``grad_hooks=False``, whether calls keep their output ``Y``
+            (``True``, default), or only its graph edge (``False``, or a set of modules
+            whose outputs are kept: e.g. those whose layer plugin reads ``Call.output``).
+            Not keeping ``Y`` lets its memory go as soon as autograd no longer needs it
+            (a convolution's pre-activation output, which autograd does not save).
 
     Attributes:
         calls: module → list of :class:`Call`, in call order (filled while active).
@@ -184,7 +187,8 @@ class Capture:
     """
 
     def __init__(self, modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module], *,
-                 clear_on_call_of: nn.Module | None = None, grad_hooks: bool = True):
+                 clear_on_call_of: nn.Module | None = None, grad_hooks: bool = True,
+                 keep_outputs: bool | Iterable[nn.Module] = True):
         if isinstance(modules, nn.Module):
             named = parameter_owners(modules)
         elif isinstance(modules, dict):
@@ -205,6 +209,7 @@ class Capture:
         self._root = clear_on_call_of
         self._ref = weakref.ref(self)
         self.grad_hooks = bool(grad_hooks)
+        self.keep_outputs = keep_outputs
         #: If set, called as ``on_grad(module, call)`` once a backward pass recorded a call's
         #: ``Z``: inside that pass with ``grad_hooks`` (e.g. to form a layer's gradient while
         #: ``Z`` is hot), right after :meth:`backward_to_outputs` without.
@@ -315,8 +320,12 @@ class Capture:
         if output.requires_grad:
             if self.grad_hooks:
                 call._handle = output.register_hook(_StoreGrad(self._ref, module, call))
-            else:  # the node that made Y: Z if an in-place operation later overwrites Y
-                call._node = (output.grad_fn, output.output_nr)
+            else:  # Z will be the gradient at the edge that produced Y
+                call._node = get_gradient_edge(output)
+                call._meta = (output.shape, output.dtype, output.device)
+                keep = self.keep_outputs
+                if keep is not True and (keep is False or module not in keep):
+                    call.output = None
         self.calls[module].append(call)
 
     # -- backward to the outputs ---------------------------------------------------------------
@@ -336,10 +345,12 @@ class Capture:
         """Differentiate ``scalar`` down to the recorded outputs and record every ``Z``.
 
         No parameter gradient is computed or accumulated. Calls whose output does not
-        influence ``scalar`` get a zero ``Z``. If an in-place operation overwrote a
-        recorded output, the gradient is taken with respect to the parameters instead (the
-        output hooks still see the right ``Z``), which costs the parameter gradients but
-        keeps the result exact.
+        influence ``scalar`` get a zero ``Z``. With ``grad_hooks=False`` every ``Z`` is the
+        gradient at the graph edge that produced the call's output, so an output overwritten
+        in place afterwards changes nothing. With output hooks, if an in-place operation
+        overwrote a recorded output, the gradient is taken with respect to the parameters
+        instead (the output hooks still see the right ``Z``), which costs the parameter
+        gradients but keeps the result exact.
 
         ``also``: further tensors (e.g. parameters of unrecorded modules) whose gradients
         are computed in the same pass and returned, in order (``None`` where unused);
@@ -350,24 +361,21 @@ class Capture:
                 f"backward_to_outputs needs a scalar, got shape {tuple(scalar.shape)}; "
                 f"sum the per-sample losses first"
             )
+        if not self.grad_hooks:
+            return self._backward_to_edges(scalar, retain_graph, also)
         calls = []
-        modules = []
         outputs = []
         overwritten = False
-        for module, cs in self.calls.items():
+        for cs in self.calls.values():
             for c in cs:
                 y = c.output
                 if y is not None and y.requires_grad:
                     c.grad_output = None
                     calls.append(c)
-                    modules.append(module)
                     outputs.append(y)
                     overwritten = overwritten or y._version != c.output_version
         if not calls:
-            raise CaptureError(
-                "no recorded module output requires a gradient: run the forward pass inside "
-                "the capture, with parameters that require gradients"
-            )
+            raise CaptureError(_NOTHING_RECORDED)
         if overwritten:
             targets: list[Tensor] = []
             seen: set[int] = set()
@@ -378,34 +386,40 @@ class Capture:
                         targets.append(p)
         else:
             targets = outputs
-        extra = list(also)
-        handles = []
-        if overwritten and not self.grad_hooks:
-            # no output hooks: read each Z at the node that produced Y (its pre-hook sees
-            # the gradient of that node's outputs, the value Y had before the overwrite)
-            for c in calls:
-                node, index = c._node if c._node is not None else (None, 0)
-                if node is None:
-                    raise CaptureError(
-                        "a recorded output was overwritten in place and has no graph node "
-                        "to read its gradient at; use Capture(grad_hooks=True)")
-                handles.append(node.register_prehook(_NodeGrad(c, index)))
-        try:
-            grads = torch.autograd.grad(scalar, targets + extra, retain_graph=retain_graph,
-                                        allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not self.grad_hooks and not overwritten:
-            for c, g in zip(calls, grads, strict=False):
-                c.grad_output = g
+        grads = torch.autograd.grad(scalar, targets + list(also), retain_graph=retain_graph,
+                                    allow_unused=True)
         for c in calls:
             if c.grad_output is None:
                 c.grad_output = torch.zeros_like(c.output).detach()
-        if not self.grad_hooks and self.on_grad is not None:
+        return list(grads[len(targets):])
+
+    def _backward_to_edges(self, scalar: Tensor, retain_graph: bool,
+                           also: tuple[Tensor, ...]) -> list[Tensor | None]:
+        """:meth:`backward_to_outputs` without output hooks: one ``autograd.grad`` to the
+        recorded graph edges, whose results are the ``Z``."""
+        calls = []
+        modules = []
+        edges = []
+        for module, cs in self.calls.items():
+            for c in cs:
+                if c._node is not None:
+                    c.grad_output = None
+                    calls.append(c)
+                    modules.append(module)
+                    edges.append(c._node)
+        if not calls:
+            raise CaptureError(_NOTHING_RECORDED)
+        grads = torch.autograd.grad(scalar, edges + list(also), retain_graph=retain_graph,
+                                    allow_unused=True)
+        for c, g in zip(calls, grads, strict=False):
+            if g is None:  # the output does not reach the scalar
+                shape, dtype, device = c._meta
+                g = torch.zeros(shape, dtype=dtype, device=device)
+            c.grad_output = g
+        if self.on_grad is not None:
             for module, c in zip(modules, calls, strict=True):
                 self.on_grad(module, c)
-        return list(grads[len(targets):])
+        return list(grads[len(calls):])
 
     def release_outputs(self) -> None:
         """Drop the references to the outputs ``Y`` (frees the graph once nothing else holds it)."""

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from curvlib.capture import Capture
 from curvlib.damping import Damping, as_damping
+from curvlib.layers.base import plugin_for
 from curvlib.likelihoods import Likelihood, as_likelihood
 from curvlib.solvers import Solver, as_solver
 from curvlib.sources import (
@@ -167,7 +168,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._covered = dict(sorted(self._covered.items(), key=lambda kv: order[kv[0]]))
             watched = {self._owner_names[id(p)] for p in self._covered.values()}
             self._capture = Capture({m: owner_modules[m] for m in owner_modules if m in watched},
-                                    clear_on_call_of=model, grad_hooks=False)
+                                    clear_on_call_of=model, grad_hooks=False,
+                                    keep_outputs=set())
             self._capture.start()
             # plugins are resolved once, here (a layer plugin registered later is not seen)
             self._layout = data_layout(self._capture, self._covered)
@@ -175,9 +177,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             #: module → (plugin, local → global parameter names), for the shared steps
             self._layer_of = {module: (plugin, params)
                               for module, _, plugin, params in self._layout.layers}
+            # outputs are kept only where a plugin reads them (the generic plugin's check)
+            self._capture.keep_outputs = {module for module, (plugin, _) in
+                                          self._layer_of.items() if plugin.needs_output}
             self._dampings: tuple[tuple[float, ...], dict[str, float]] = ((), {})
         elif source.needs_capture:
             self._capture = Capture(model, clear_on_call_of=model, grad_hooks=False)
+            self._capture.keep_outputs = {m for m in self._capture.names
+                                          if plugin_for(m).needs_output}
             self._capture.start()
             self._capture.set_recording(self._stats_due())
 

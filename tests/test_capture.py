@@ -1,5 +1,7 @@
 """Capture: hooks come and go cleanly, every call is recorded, Z is right after in-place ops."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -98,12 +100,13 @@ def test_backward_to_outputs_leaves_parameter_grads_alone():
         cap.backward_to_outputs(out)
 
 
-@pytest.mark.parametrize("grad_hooks", [True, False])
-def test_in_place_activation_after_a_layer_gives_the_right_z(grad_hooks):
+@pytest.mark.parametrize("grad_hooks, keep_outputs", [(True, True), (False, True),
+                                                       (False, False)])
+def test_in_place_activation_after_a_layer_gives_the_right_z(grad_hooks, keep_outputs):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
     x = torch.randn(6, 3, dtype=torch.float64)
-    with Capture(model, grad_hooks=grad_hooks) as cap:
+    with Capture(model, grad_hooks=grad_hooks, keep_outputs=keep_outputs) as cap:
         out = model(x)
         cap.backward_to_outputs(out.square().sum())
     z = cap.calls[model[0]][0].grad_output
@@ -137,10 +140,54 @@ def test_without_grad_hooks_z_comes_from_backward_to_outputs_only():
         assert z is cap.calls[module][0].grad_output
 
 
-def test_modules_that_do_not_reach_the_loss_get_zero_z_and_unused_ones_no_calls():
+def test_without_kept_outputs_the_memory_of_y_is_freed_and_z_is_unchanged():
+    """keep_outputs=False records Y's graph edge only: a Linear output that autograd does not
+    save (the ReLU after it saves its own result) is freed during the forward pass."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    alive = []
+    model[0].register_forward_hook(lambda m, a, y: alive.append(weakref.ref(y)))
+    with Capture(model, grad_hooks=False, keep_outputs={model[2]}) as cap:
+        out = model(x)
+        assert alive[0]() is None  # the first layer's Y is gone
+        assert cap.calls[model[0]][0].output is None
+        assert cap.calls[model[2]][0].output is out  # kept: named in keep_outputs
+        cap.backward_to_outputs(out.square().sum())
+    with Capture(model) as ref:
+        ref.backward_to_outputs(model(x).square().sum())
+    for module in (model[0], model[2]):
+        assert_close(cap.calls[module][0].grad_output, ref.calls[module][0].grad_output)
+
+
+def test_optimizers_keep_outputs_only_where_a_plugin_reads_them():
+    import curvlib
+    from curvlib.layers.generic import GenericPlugin
+
+    class Scale(nn.Module):  # no registered plugin: the generic one, which reads Y
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = nn.Sequential(nn.Linear(2, 3), Scale(), nn.Linear(3, 2))
+    opt = curvlib.assemble(model, "categorical", source="gram",
+                           structure=curvlib.structures.SMW(cover="all"))
+    assert GenericPlugin().needs_output and not curvlib.layers.base.plugin_for(
+        model[0]).needs_output
+    assert opt._capture.keep_outputs == {model[1]}
+    model(torch.randn(4, 2))
+    calls = opt._capture.calls
+    assert calls[model[0]][0].output is None and calls[model[1]][0].output is not None
+
+
+@pytest.mark.parametrize("grad_hooks", [True, False])
+def test_modules_that_do_not_reach_the_loss_get_zero_z_and_unused_ones_no_calls(grad_hooks):
     a, b, unused = (nn.Linear(2, 2).double() for _ in range(3))
     x = torch.randn(3, 2, dtype=torch.float64)
-    with Capture([a, b, unused]) as cap:
+    with Capture([a, b, unused], grad_hooks=grad_hooks, keep_outputs=False) as cap:
         ya = a(x)
         b(x)
         cap.backward_to_outputs(ya.sum())

@@ -163,6 +163,10 @@ class LayerPlugin(abc.ABC):
 
     #: Module classes this plugin handles (subclasses included, through the MRO).
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Whether the plugin reads :attr:`Call.output` (``Y``). curvlib's optimizers keep only
+    #: the graph edge of an output whose plugin does not, so its memory is freed as early as
+    #: autograd allows; ``Call.output`` is then ``None``.
+    needs_output: ClassVar[bool] = False
 
     def check(self, module: nn.Module, calls: Sequence[Call]) -> None:
         """Raise :class:`LayerPluginError` if the calls cannot be handled (default: needs ``Z``)."""

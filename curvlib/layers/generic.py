@@ -75,6 +75,11 @@ class GenericPlugin(LayerPlugin):
     def __init__(self, verify_outputs: bool = True):
         self.verify_outputs = verify_outputs
 
+    @property
+    def needs_output(self) -> bool:  # type: ignore[override]
+        """The recorded output is compared with the recomputed one (``verify_outputs``)."""
+        return self.verify_outputs
+
     def check(self, module: nn.Module, calls: Sequence[Call]) -> None:
         """Reject modules whose samples interact, then the base checks."""
         for name, sub in module.named_modules():
