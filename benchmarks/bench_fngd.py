@@ -29,7 +29,7 @@ Rows (each a whole training step on its own copy of the network, unless marked a
   (``smw`` with ``blocks="model"``, ``scale="natural"``, constant damping);
 * diagnostics: ``sgd_nostep`` (SGD's ``zero_grad`` + forward + backward, no update),
   ``sgd_capture`` (the SGD step with curvlib's ``Capture`` recording the layers during the
-  forward), ``shared_nostep`` (the FNGD shared step without ``opt.step``), and three **bare**
+  forward, configured as the optimizers use it: ``grad_hooks=False``, outputs not kept), ``shared_nostep`` (the FNGD shared step without ``opt.step``), and three **bare**
   steps written here with plain torch calls, what the steps cost without curvlib around them:
   ``bare_shared`` (autograd to the layer outputs, ``(c⊙Z)ᵀX`` / ``convolution_backward`` of
   ``c⊙Z``, then ``torch.optim.SGD``), ``bare_model`` (``(Σ c_m ℓ_m).backward()``, then
@@ -148,7 +148,9 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def sgd_stepper(model: nn.Module, x: Tensor, y: Tensor, *, update: bool = True,
                 capture: bool = False) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    cap = curvlib.capture.Capture(model) if capture else None
+    # the optimizers' capture: Z only from backward_to_outputs, outputs not kept
+    cap = (curvlib.capture.Capture(model, grad_hooks=False, keep_outputs=False)
+           if capture else None)
 
     def step() -> None:
         opt.zero_grad()
