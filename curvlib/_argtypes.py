@@ -20,23 +20,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
+def _finite_float(text: str, allowed, what: str, finite_what: str) -> float:
+    """A finite number for which ``allowed(value)`` holds; the messages name ``what`` (not a
+    number) and ``finite_what`` (a number out of range or not finite)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and allowed(value)):
+        raise argparse.ArgumentTypeError(f"expected {finite_what}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _finite_float(text, lambda v: v > 0, "a positive number",
+                         "a positive finite number")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number ≥ 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _finite_float(text, lambda v: v >= 0, "a number >= 0", "a finite number >= 0")

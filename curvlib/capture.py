@@ -331,7 +331,8 @@ class Capture:
     # -- backward to the outputs ---------------------------------------------------------------
 
     def recorded_outputs(self) -> list[Tensor]:
-        """The recorded outputs ``Y`` that take part in the graph."""
+        """The recorded outputs ``Y`` that take part in the graph (those a
+        ``keep_outputs``-limited capture did not keep are not among them)."""
         return [
             c.output
             for calls in self.calls.values()

@@ -398,23 +398,14 @@ def weighted_layer_grads(plugin: LayerPlugin, module: nn.Module, calls: list[Cal
     :meth:`Statistics.weighted_grads` and by the optimizer's shared steps, which call it for
     each call's ``Z`` as the backward pass produces it.
     """
-    if wanted is None and len(params) <= 2:  # one layer's weight and bias (the usual case)
-        names = list(params.values())
-        if len(names) == 1 or coefficients[names[0]] is coefficients[names[1]]:
-            c = coefficients[names[0]]
-            if c.device != calls[0].grad_output.device:
-                c = c.to(calls[0].grad_output.device)
-            grads = plugin.weighted_grads(module, calls, c)
-            for loc, name in params.items():
-                g = grads[loc]
-                out[name] = g if name not in out else out[name] + g
-            return
     by_vector: dict[int, list[str]] = {}
     for loc, name in params.items():
         if wanted is None or name in wanted:
             by_vector.setdefault(id(coefficients[name]), []).append(loc)
     for locs in by_vector.values():
-        c = coefficients[params[locs[0]]].to(calls[0].grad_output.device)
+        c = coefficients[params[locs[0]]]
+        if c.device != calls[0].grad_output.device:
+            c = c.to(calls[0].grad_output.device)
         if len(locs) == len(params):
             grads = plugin.weighted_grads(module, calls, c)
         else:

@@ -155,21 +155,18 @@ def test_toml_defines_a_new_assembly(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-def test_unknown_recipe_lists_the_recipes(tmp_path: Path) -> None:
-    result = _compare("--recipes", "sgd,lbfgs", "--out", str(tmp_path), *TINY)
+@pytest.mark.parametrize("args, message, known", [
+    (("--recipes", "sgd,lbfgs"), "unknown recipe 'lbfgs'", cmp.RECIPES),
+    (("--task", "mnist"), "unknown task 'mnist'", cmp.TASKS),
+])
+def test_an_unknown_recipe_or_task_lists_what_exists(tmp_path: Path, args, message,
+                                                     known) -> None:
+    result = _compare(*args, "--out", str(tmp_path), *TINY)
     assert result.returncode == 2
-    assert "unknown recipe 'lbfgs'" in result.stderr
-    for name in cmp.RECIPES:
+    assert message in result.stderr
+    for name in known:
         assert name in result.stderr
     assert not (tmp_path / "results.json").exists()
-
-
-def test_unknown_task_lists_the_tasks(tmp_path: Path) -> None:
-    result = _compare("--task", "mnist", "--out", str(tmp_path), *TINY)
-    assert result.returncode == 2
-    assert "unknown task 'mnist'" in result.stderr
-    for name in cmp.TASKS:
-        assert name in result.stderr
 
 
 @pytest.mark.parametrize(
