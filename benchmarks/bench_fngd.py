@@ -45,7 +45,12 @@ page faults per step (large temporaries that glibc returns to the kernel and fau
 check runs. Targets: shared / SGD ≤ 1.05 on both networks, refresh / SGD ≤ 1.4 on the MLP.
 
 Correctness checks (after the timing; exit status 1 if one fails), with per-sample gradients
-from an explicit loop over the samples (float64 model, independent of curvlib): the refresh
+from an explicit loop over the samples (float64 model, independent of curvlib) that follows
+the **gates of the float32 forward it checks**: forward hooks record which ReLU units pass and
+which input wins each max-pool window in that forward, and the loop's float64 forward uses
+them instead of deciding again (a pre-activation within round-off of 0 can land on the other
+side in float64, and on which side depends on the processor's BLAS; the reference must not).
+The refresh
 direction equals ``Σ_m c_m g_m`` with ``c = λ(K + λM I)⁻¹1``, ``K`` the layer's per-sample
 Gram and ``λ = α‖K‖_F``, and FNGD stores that ``c``; the next (shared) step on another batch
 at the moved parameters equals ``Σ_m c_m g'_m`` with the same ``c``; the same with one block
@@ -341,23 +346,149 @@ def asdl_smw(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], None]
 
 
 # --------------------------------------------------------------------------------------------
-# independent reference: per-sample gradients by a loop, coefficients in float64
+# independent reference: per-sample gradients by a loop, coefficients in float64, with the
+# gates (ReLU masks, max-pool choices) of the float32 forward being checked
+
+#: modules that make no decision: the float64 loop recomputes them as they are
+NO_GATES = (nn.Sequential, nn.Linear, nn.Conv2d, nn.Flatten, nn.Identity)
 
 
-def loop_per_sample_grads(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+class Gates:
+    """The decisions of the kinked modules in one forward of ``model``, recorded by forward
+    hooks while the ``with`` block runs: ReLU → ``output > 0`` (the mask its backward uses),
+    MaxPool2d → the flat index of each window's winner (``max_pool2d_with_indices``, the
+    kernel autograd runs for an input that requires grad). Stored on the CPU.
+
+    :func:`loop_per_sample_grads` replays them in its float64 forward, so that the reference
+    has the same piecewise-linear branches as the float32 computation it is compared with,
+    whatever the processor rounds near a kink. Any other module type that is not in
+    :data:`NO_GATES` is refused: a kink without a recorded decision would make the reference
+    depend on the processor again.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.decisions: dict[str, Tensor] = {}
+        self.inconsistent: list[str] = []  # modules that ran twice with other decisions
+        self._handles: list = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.MaxPool2d) and m.return_indices:
+                raise TypeError(f"{name}: MaxPool2d(return_indices=True) has no gate rule")
+            if not isinstance(m, (nn.ReLU, nn.MaxPool2d, *NO_GATES)):
+                raise TypeError(f"{name}: no gate rule for {type(m).__name__} (record its "
+                                "decisions here so that the float64 reference follows the "
+                                "float32 forward)")
+
+    def _record(self, name: str, m: nn.Module, args: tuple, out: Tensor) -> None:
+        with torch.no_grad():
+            if isinstance(m, nn.ReLU):
+                decision = (out > 0).cpu()
+            else:
+                _, decision = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding,
+                                           m.dilation, m.ceil_mode, return_indices=True)
+                decision = decision.cpu()
+        seen = self.decisions.get(name)
+        if seen is not None and not torch.equal(seen, decision):
+            self.inconsistent.append(name)
+        self.decisions[name] = decision
+
+    def __enter__(self) -> Gates:
+        for name, m in self.model.named_modules():
+            if isinstance(m, (nn.ReLU, nn.MaxPool2d)):
+                self._handles.append(m.register_forward_hook(
+                    lambda mod, args, out, name=name: self._record(name, mod, args, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def same(self, other: Gates) -> bool:
+        return (self.decisions.keys() == other.decisions.keys()
+                and all(torch.equal(v, other.decisions[k]) for k, v in self.decisions.items()))
+
+    def count(self) -> int:
+        return sum(v.numel() for v in self.decisions.values())
+
+
+def loop_per_sample_grads(model: nn.Module, x: Tensor, y: Tensor,
+                          gates: Gates) -> tuple[dict[str, Tensor], int]:
     """Parameter name → ``(M, *shape)`` per-sample gradients of ``ℓ_m``: one forward and
     backward per sample on a float64 copy of the model, stored in float32 (1.4 M parameters
     × 128 samples would be 1.4 GB in float64). The Grams and weighted sums built from them
-    use float32 BLAS: the reference is accurate to ~1e-6, far below the checks' 1e-4."""
+    use float32 BLAS: the reference is accurate to ~1e-6, far below the checks' 1e-4.
+
+    The ReLU and max-pool modules of the copy apply ``gates`` (recorded in the float32
+    forward being checked) instead of deciding on their float64 inputs. Also returns how
+    many of those decisions the float64 forward would have taken otherwise (information:
+    each such flip would make an ungated float64 reference disagree with the computation)."""
+    if gates.inconsistent:
+        raise RuntimeError(f"gates recorded twice with different decisions: "
+                           f"{gates.inconsistent}")
     m64 = copy.deepcopy(model).double()
+    i, flips = 0, 0
+
+    def relu(mod: nn.Module, args: tuple, out: Tensor, name: str) -> Tensor:
+        nonlocal flips
+        mask = gates.decisions[name][i:i + 1]
+        flips += int(((out > 0) != mask).sum())
+        return args[0] * mask.to(args[0].dtype)
+
+    def pool(mod: nn.Module, args: tuple, out: Tensor, name: str) -> Tensor:
+        nonlocal flips
+        idx = gates.decisions[name][i:i + 1]
+        _, own = F.max_pool2d(args[0].detach(), mod.kernel_size, mod.stride, mod.padding,
+                              mod.dilation, mod.ceil_mode, return_indices=True)
+        flips += int((own != idx).sum())
+        return args[0].flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+    handles = []
+    for name, m in m64.named_modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False  # the hook reads the ReLU's input
+            handles.append(m.register_forward_hook(
+                lambda mod, a, o, name=name: relu(mod, a, o, name)))
+        elif isinstance(m, nn.MaxPool2d):
+            handles.append(m.register_forward_hook(
+                lambda mod, a, o, name=name: pool(mod, a, o, name)))
+    missing = {n for n, m in m64.named_modules() if isinstance(m, (nn.ReLU, nn.MaxPool2d))}
+    missing -= gates.decisions.keys()
+    if missing:
+        raise RuntimeError(f"no recorded gates for {sorted(missing)}")
     names = [n for n, _ in m64.named_parameters()]
     params = [p for _, p in m64.named_parameters()]
     out = {n: torch.empty(x.shape[0], *p.shape) for n, p in zip(names, params, strict=True)}
-    for i in range(x.shape[0]):
-        loss = F.cross_entropy(m64(x[i:i + 1].double()), y[i:i + 1], reduction="sum")
-        for n, g in zip(names, torch.autograd.grad(loss, params), strict=True):
-            out[n][i] = g
-    return out
+    try:
+        for i in range(x.shape[0]):
+            loss = F.cross_entropy(m64(x[i:i + 1].double()), y[i:i + 1], reduction="sum")
+            for n, g in zip(names, torch.autograd.grad(loss, params), strict=True):
+                out[n][i] = g
+    finally:
+        for h in handles:
+            h.remove()
+    return out, flips
+
+
+class GatedReference:
+    """Per-sample loop gradients of ``model`` on ``(x, y)`` for each set of gates seen: one
+    loop per distinct set (the checked float32 forwards of one batch at the same parameters
+    normally agree bit for bit, so usually one loop serves them all)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor):
+        self.model = copy.deepcopy(model)  # the parameters of the forwards it serves
+        self.x, self.y = x.cpu(), y.cpu()
+        self.seen: list[tuple[Gates, dict[str, Tensor]]] = []
+        self.flips: list[int] = []  # per loop: decisions an ungated float64 run would flip
+
+    def __call__(self, gates: Gates) -> dict[str, Tensor]:
+        for g, grads in self.seen:
+            if g.same(gates):
+                return grads
+        grads, flips = loop_per_sample_grads(self.model, self.x, self.y, gates)
+        self.seen.append((gates, grads))
+        self.flips.append(flips)
+        return grads
 
 
 def _gram(g: Tensor) -> Tensor:
@@ -397,23 +528,31 @@ def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
 
 def run_checks(key: str, init: nn.Module, shape: tuple[int, ...], device: torch.device,
                use_asdl: bool) -> dict[str, tuple[float, bool]]:
-    """Check name → (relative difference, counts for the exit status)."""
+    """Check name → (relative difference, counts for the exit status).
+
+    Every reference is built from the gates of the float32 forward whose result it checks
+    (:class:`Gates`); the number of gates an ungated float64 re-run would have flipped is
+    printed for information."""
     res: dict[str, tuple[float, bool]] = {}
     xa, ya = batch(shape, 101, device)
     xb, yb = batch(shape, 102, device)
-    ga = loop_per_sample_grads(init, xa.cpu(), ya.cpu())
+    ref_a = GatedReference(init, xa, ya)  # batch A at θ₀
+    refs_b = []
     for blocks_opt, label in (("layer", "per-layer"), ("model", "model block")):
         model = copy.deepcopy(init)
         opt = fngd(model, blocks=blocks_opt)
         blocks = (layer_blocks(model) if blocks_opt == "layer"
                   else {"model": [n for n, _ in model.named_parameters()]})
         # refresh on batch A
-        c = reference_coefficients(ga, blocks, ALPHA)
-        ref = weighted(ga, blocks, c)
         opt.zero_grad()
-        opt.backward(model(xa), ya)
+        with Gates(model) as gates:
+            out = model(xa)
+        opt.backward(out, ya)
         if "refreshed" not in opt.last_refresh:
             raise RuntimeError(f"first FNGD step is not a refresh: {opt.last_refresh}")
+        ga = ref_a(gates)
+        c = reference_coefficients(ga, blocks, ALPHA)
+        ref = weighted(ga, blocks, c)
         res[f"{key}: refresh direction == Σ c_m g_m ({label}, loop reference)"] = (max(
             rel_diff(p.grad.cpu(), ref[n]) for n, p in model.named_parameters()), True)
         stored = stored_coefficients(opt)
@@ -421,15 +560,19 @@ def run_checks(key: str, init: nn.Module, shape: tuple[int, ...], device: torch.
             rel_diff(stored[b].cpu(), c[b]) for b in c), True)
         opt.step()
         # shared step on batch B, at the moved parameters
-        gb = loop_per_sample_grads(model, xb.cpu(), yb.cpu())
-        ref_b = weighted(gb, blocks, c)
+        ref_b = GatedReference(model, xb, yb)
+        refs_b.append(ref_b)
         opt.zero_grad()
-        opt.backward(model(xb), yb)
+        with Gates(model) as gates:
+            out = model(xb)
+        opt.backward(out, yb)
         if "shared" not in opt.last_refresh:
             raise RuntimeError(f"second FNGD step is not shared: {opt.last_refresh}")
+        ref_shared = weighted(ref_b(gates), blocks, c)
         res[f"{key}: shared direction (other batch, moved θ) == Σ c_m g'_m ({label})"] = (max(
-            rel_diff(p.grad.cpu(), ref_b[n]) for n, p in model.named_parameters()), True)
-        # the bare step written here computes the same direction
+            rel_diff(p.grad.cpu(), ref_shared[n]) for n, p in model.named_parameters()), True)
+        # the bare step written here computes the same direction (both float32, same gates:
+        # no float64 re-run in this comparison)
         twin = copy.deepcopy(model)
         bare = BareShared(twin, stored, xb, yb, per_layer=blocks_opt == "layer")
         bare.opt.zero_grad()
@@ -440,32 +583,48 @@ def run_checks(key: str, init: nn.Module, shape: tuple[int, ...], device: torch.
         if blocks_opt == "layer":  # the bare refresh written here, on batch A at θ₀
             twin = copy.deepcopy(init)
             bare_r = BareRefresh(twin, xa, ya)
-            bare_r.grads()
+            with Gates(twin) as gates:
+                bare_r.grads()
+            gr = ref_a(gates)
+            ref_r = weighted(gr, blocks, reference_coefficients(gr, blocks, ALPHA))
             res[f"{key}: bare refresh step == Σ c_m g_m (per-layer, loop reference)"] = (max(
-                rel_diff(p.grad.cpu(), ref[n]) for n, p in twin.named_parameters()), True)
+                rel_diff(p.grad.cpu(), ref_r[n]) for n, p in twin.named_parameters()), True)
     if use_asdl:
         # the damped natural gradient with one block and constant λ: U(K + λM I)⁻¹1
         names = [n for n, _ in init.named_parameters()]
-        k = sum(_gram(ga[n]) for n in names)
-        m = k.shape[0]
-        c = torch.linalg.solve(k + ASDL_DAMPING * m * torch.eye(m, dtype=k.dtype),
-                               torch.ones(m, dtype=k.dtype))
-        ref = weighted(ga, {"model": names}, {"model": c})
+
+        def natural(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+            k = sum(_gram(grads[n]) for n in names)
+            m = k.shape[0]
+            c = torch.linalg.solve(k + ASDL_DAMPING * m * torch.eye(m, dtype=k.dtype),
+                                   torch.ones(m, dtype=k.dtype))
+            return weighted(grads, {"model": names}, {"model": c})
+
         model = copy.deepcopy(init)
         _, grads = asdl_smw(model, xa, ya)
-        grads()
+        with Gates(model) as asdl_gates:
+            grads()
         twin = copy.deepcopy(init)
         opt = asdl_like(twin)
         opt.zero_grad()
-        opt.backward(twin(xa), ya)
+        with Gates(twin) as gates:
+            out = twin(xa)
+        opt.backward(out, ya)
+        ref = natural(ref_a(gates))
         res[f"{key}: curvlib smw (model, natural, constant λ) == U(K + λM I)⁻¹1"] = (max(
             rel_diff(p.grad.cpu(), ref[n]) for n, p in twin.named_parameters()), True)
         # ASDL's Gram of a convolution is a Kronecker-style approximation (see README), so
         # its direction is exact only for Linear layers: informational for the CNN
+        ref = natural(ref_a(asdl_gates))
         exact = all(isinstance(mod, (nn.Linear, nn.ReLU, nn.Flatten)) for mod in init)
         res[f"{key}: ASDL SMW direction == U(K + λM I)⁻¹1"
             + ("" if exact else " [info: ASDL approximates conv Grams]")] = (max(
                 rel_diff(p.grad.cpu(), ref[n]) for n, p in model.named_parameters()), exact)
+    total = sum(g.count() for g, _ in ref_a.seen[:1])
+    print(f"# {key}: gate sets per reference loop: batch A {len(ref_a.seen)}, batch B "
+          f"{[len(r.seen) for r in refs_b]}; of the {total} gates of batch A an ungated "
+          f"float64 re-run would flip {ref_a.flips}, of batch B "
+          f"{[r.flips for r in refs_b]}", flush=True)
     return res
 
 
