@@ -29,7 +29,8 @@ Rows (each a whole training step on its own copy of the network, unless marked a
   (``smw`` with ``blocks="model"``, ``scale="natural"``, constant damping);
 * diagnostics: ``sgd_nostep`` (SGD's ``zero_grad`` + forward + backward, no update),
   ``sgd_capture`` (the SGD step with curvlib's ``Capture`` recording the layers during the
-  forward, configured as the optimizers use it: ``grad_hooks=False``, outputs not kept), ``shared_nostep`` (the FNGD shared step without ``opt.step``), and three **bare**
+  forward, configured as the optimizers use it: ``grad_hooks=False``, outputs not kept),
+  ``shared_nostep`` (the FNGD shared step without ``opt.step``), and three **bare**
   steps written here with plain torch calls, what the steps cost without curvlib around them:
   ``bare_shared`` (autograd to the layer outputs, ``(c⊙Z)ᵀX`` / ``convolution_backward`` of
   ``c⊙Z``, then ``torch.optim.SGD``), ``bare_model`` (``(Σ c_m ℓ_m).backward()``, then
@@ -173,13 +174,15 @@ def sgd_stepper(model: nn.Module, x: Tensor, y: Tensor, *, update: bool = True,
 
 def curvlib_stepper(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, *,
                     update: bool = True, expect: str | None = None) -> Callable[[], None]:
-    def step() -> None:
-        opt.zero_grad()
+    def step(update: bool = update) -> None:
+        opt.zero_grad()  # also forgets a micro-batch that was not stepped
         out = model(x)
         opt.backward(out, y)
         if update:
             opt.step()
-    step()  # the first step refreshes; with steps_per_epoch=1 every later one is shared
+    # the first step refreshes and (at step(), which commits them) stores the coefficients;
+    # with steps_per_epoch=1 every later one is shared
+    step(update=True)
     if expect is not None:
         step()
         if expect not in opt.last_refresh:
@@ -555,10 +558,10 @@ def run_checks(key: str, init: nn.Module, shape: tuple[int, ...], device: torch.
         ref = weighted(ga, blocks, c)
         res[f"{key}: refresh direction == Σ c_m g_m ({label}, loop reference)"] = (max(
             rel_diff(p.grad.cpu(), ref[n]) for n, p in model.named_parameters()), True)
+        opt.step()  # commits the refresh's coefficients to the store
         stored = stored_coefficients(opt)
         res[f"{key}: stored coefficients == reference c ({label})"] = (max(
             rel_diff(stored[b].cpu(), c[b]) for b in c), True)
-        opt.step()
         # shared step on batch B, at the moved parameters
         ref_b = GatedReference(model, xb, yb)
         refs_b.append(ref_b)
