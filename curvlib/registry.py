@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from curvlib.errors import CurvlibError
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KINDS",
@@ -56,11 +58,11 @@ ENTRY_POINT_GROUP = "curvlib.plugins"
 T = TypeVar("T")
 
 
-class UnknownComponentError(LookupError):
+class UnknownComponentError(CurvlibError, LookupError):
     """A kind or a name that is not registered; the message lists what is."""
 
 
-class DuplicateComponentError(ValueError):
+class DuplicateComponentError(CurvlibError, ValueError):
     """A name registered twice for one kind without ``overwrite=True``."""
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.capture import Call
+from curvlib.errors import CurvlibError
 from curvlib.registry import _entries, load_plugins
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-class LayerPluginError(RuntimeError):
+class LayerPluginError(CurvlibError, RuntimeError):
     """A layer plugin cannot compute a quantity for a module (the message says why)."""
 
 
