@@ -40,12 +40,13 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ import curvlib
 from curvlib._argtypes import positive_float as _positive_float
 from curvlib._argtypes import positive_int as _positive_int
 from curvlib.damping import as_damping
+from curvlib.errors import CurvlibError
 from curvlib.optim import HYPER as CURVLIB_HYPER
 from curvlib.solvers import as_solver
 from curvlib.sources import as_source
@@ -95,7 +97,7 @@ _BENCH_HINT = 'pip install -e ".[bench]"'
 
 
 
-class CompareError(ValueError):
+class CompareError(CurvlibError, ValueError):
     """A bad task, recipe, configuration or assembly; the message names it and the fix."""
 
 
@@ -588,8 +590,13 @@ def _flags(lr: float | None, damping: float | None) -> dict[str, float]:
 def default_specs(task: str, recipes: Iterable[str] = DEFAULT_RECIPES, *,
                   lr: float | None = None, damping: float | None = None) -> list[RunSpec]:
     """One :class:`RunSpec` per recipe with the task's :data:`DEFAULTS`; ``lr`` and
-    ``damping`` override those of every curvlib recipe (SGD-m and Adam keep theirs)."""
+    ``damping`` override those of every curvlib recipe (SGD-m and Adam keep theirs).
+
+    Raises:
+        CompareError: an unknown task or recipe; ``lr`` or ``damping`` NaN or infinite.
+    """
     _get_task(task)
+    _check_finite("the flags", _flags(lr, damping))
     specs = []
     for name in recipes:
         recipe = _get_recipe(name)
@@ -617,9 +624,37 @@ class Config:
     lr_decay: bool | None = None
     hyper: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    #: the file's text as it was read (``None`` for a configuration built in code); the
+    #: command stores it in ``results.json`` so that the run can be repeated
+    text: str | None = field(default=None, repr=False, compare=False)
 
 
-def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of the ``--config`` file ``path`` (read once, decoded as UTF-8).
+
+    Raises:
+        CompareError: the path does not exist, is a directory, cannot be read or is not
+            UTF-8 text; the message names the path.
+    """
+    shown = f"config file {os.fspath(path)!r}"
+    if os.path.isdir(path):
+        raise CompareError(f"{shown} is a directory; --config takes the path of a TOML file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CompareError(f"{shown} does not exist") from None
+    except OSError as exc:  # permission denied, a directory on some systems, an I/O error
+        raise CompareError(f"{shown} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompareError(
+            f"{shown} is not valid UTF-8 text (byte {exc.start}: {exc.reason}); TOML files "
+            "must be UTF-8 encoded") from None
+
+
+def _parse_toml(text: str, path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         import tomllib  # Python ≥ 3.11
     except ImportError:  # pragma: no cover - Python 3.10
@@ -630,12 +665,30 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "reading a --config TOML file needs Python 3.11 or the tomli package "
                 "(pip install tomli)") from None
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise CompareError(f"config file {os.fspath(path)!r} does not exist") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CompareError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+
+
+def _check_finite(where: str, values: Mapping[str, Any]) -> None:
+    """Refuse a NaN or infinite number among ``values`` (looking into tables and arrays, so
+    that ``betas`` and ``[run.*_options]`` are checked too); the message names ``where``
+    and the key. Values of other types are left to the checks that know them."""
+    for key, value in values.items():
+        _check_finite_value(where, str(key), value)
+
+
+def _check_finite_value(where: str, key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CompareError(
+            f"{where}: {key} = {value} is not a finite number; hyper-parameters and options "
+            "must be finite (nan, inf and -inf are refused)")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite_value(where, f"{key}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_value(where, f"{key}[{i}]", v)
 
 
 def _unknown_keys(where: str, given: Iterable[str], allowed: Sequence[str]) -> None:
@@ -679,13 +732,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         root = 2
 
     Raises:
-        CompareError: unreadable TOML, an unknown key (named, with the allowed keys), a value
-            of the wrong type, an unknown task or recipe.
+        CompareError: a path that does not exist, is a directory or is not UTF-8 text,
+            unreadable TOML, an unknown key (named, with the allowed keys), a value of the
+            wrong type, a NaN or infinite number (named with its table and key), an unknown
+            task or recipe.
     """
-    raw = _read_toml(path)
+    text = _read_config_text(path)
+    raw = _parse_toml(text, path)
     where = f"config file {os.fspath(path)!r}"
     _unknown_keys(where, raw, CONFIG_KEYS)
-    cfg = Config()
+    cfg = Config(text=text)
     if "task" in raw:
         cfg.task = _get_task(_expect("task", raw["task"], str, "a task name")).name
     if "epochs" in raw:
@@ -708,6 +764,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         recipe = _get_recipe(name)
         _expect(f"[hyper.{name}]", values, dict, "a table of hyper-parameters")
         _unknown_keys(f"[hyper.{name}] of {where}", values, recipe.options)
+        _check_finite(f"[hyper.{name}] of {where}", values)
         cfg.hyper[name] = dict(values)
     runs = _expect("[[run]]", raw.get("run", []), list, "an array of tables ([[run]])")
     for i, entry in enumerate(runs):
@@ -732,6 +789,7 @@ def _check_run(entry: dict[str, Any], index: int, where: str) -> dict[str, Any]:
                 f"source/structure/solver, not both")
         _unknown_keys(f"{label} of {where} (recipe {recipe.name!r})", entry,
                       ("name", "recipe", *recipe.options))
+        _check_finite(f"{label} of {where}", entry)
         return dict(entry)
     if "structure" not in entry or "source" not in entry:
         raise CompareError(
@@ -741,6 +799,7 @@ def _check_run(entry: dict[str, Any], index: int, where: str) -> dict[str, Any]:
     for key in ("source_options", "structure_options", "solver_options"):
         if key in entry:
             _expect(f"{label}: {key}", entry[key], dict, "a table ([run.{key}])")
+    _check_finite(f"{label} of {where}", entry)
     return dict(entry)
 
 
@@ -763,8 +822,13 @@ def specs_from_config(task: str, recipes: Sequence[str], cfg: Config, *,
 
     Raises:
         CompareError: ``[hyper.X]`` for a recipe that is not run, a duplicate run name, an
-            assembly without ``lr`` or ``damping``.
+            assembly without ``lr`` or ``damping``, a NaN or infinite value (a
+            :class:`Config` built in code is checked as :func:`load_config` checks a file).
     """
+    for name, values in cfg.hyper.items():
+        _check_finite(f"[hyper.{name}]", values)
+    for entry in cfg.runs:
+        _check_finite(f"[[run]] {entry.get('name')!r}", entry)
     specs = default_specs(task, recipes, lr=lr, damping=damping)
     idle = sorted(set(cfg.hyper) - set(recipes))
     if idle:
@@ -1159,9 +1223,14 @@ def compare(task: str, specs: Sequence[RunSpec], *, epochs: int | None = None,
         raise CompareError(f"run names must be unique, got {names}")
     if reference is not None and reference not in names:
         raise CompareError(f"the reference run {reference!r} is not among the runs {names}")
+    coverage: dict[str, list[dict[str, Any]]] = {}
     for spec in specs:  # fail early, before the data are loaded and anything is trained
         opt = spec.build(t.build(torch.Generator().manual_seed(0)), t.likelihood,
                          steps_per_epoch=1, generator=torch.Generator().manual_seed(0))
+        rows = opt.coverage() if hasattr(opt, "coverage") else []
+        coverage[spec.name] = [{"name": r.name, "shape": list(r.shape), "group": r.group,
+                                "preconditioned": r.preconditioned, "treatment": r.treatment}
+                               for r in rows]
         close = getattr(opt, "close", None)
         if close is not None:
             close()
@@ -1187,6 +1256,7 @@ def compare(task: str, specs: Sequence[RunSpec], *, epochs: int | None = None,
         "reference": reference,
         "runs": {spec.name: {"recipe": spec.recipe, "components": spec.components,
                              "hyper": spec.hyper, "describe": spec.describe(),
+                             "coverage": coverage[spec.name],
                              "seeds": {seed: per_seed[seed][spec.name] for seed in seeds}}
                  for spec in specs},
     }
@@ -1195,6 +1265,22 @@ def compare(task: str, specs: Sequence[RunSpec], *, epochs: int | None = None,
 
 
 # =========================================================================== presentation
+
+
+def format_fallbacks(results: dict[str, Any]) -> str:
+    """For each run whose optimizer leaves parameters to the fallback (SGD with momentum),
+    which ones and why (empty when every run preconditions every parameter)."""
+    blocks = []
+    for name, run in results["runs"].items():
+        rows = [r for r in run.get("coverage", []) if not r["preconditioned"]]
+        if not rows:
+            continue
+        width = max(len(r["name"]) for r in rows)
+        lines = [f"{name}: {len(rows)} of {len(run['coverage'])} parameter tensors are not "
+                 f"preconditioned:"]
+        lines += [f"  {r['name'].ljust(width)}  {r['treatment']}" for r in rows]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 def _fmt_stats(s: dict[str, Any], fmt: str) -> str:
@@ -1289,7 +1375,8 @@ def plot(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]
     """Write ``loss_vs_epoch.png`` and ``loss_vs_time.png`` (training loss on all training
     images, mean over seeds, band from the lowest to the highest seed; a curve stops where a
     seed diverged) into ``out_dir``; returns the paths. Uses matplotlib's Agg canvas (no
-    display, no global backend change)."""
+    display, no global backend change). Each file is written atomically (a temporary file
+    in ``out_dir``, then renamed): an interrupted write leaves the previous file, if any."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -1329,7 +1416,8 @@ def plot(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]
         ax.set_title(title, fontsize=8)
         fig.tight_layout()
         path = out / f"loss_vs_{kind}.png"
-        fig.savefig(path, dpi=100)
+        _write_atomic(path, lambda handle, fig=fig: fig.savefig(handle, format="png", dpi=100),
+                      binary=True)
         paths.append(path)
     return paths
 
@@ -1345,15 +1433,83 @@ def _json_ready(o: Any) -> Any:
     return o
 
 
+def _write_atomic(path: Path, write: Callable[[IO[Any]], object], *, binary: bool) -> None:
+    """Call ``write(handle)`` on a new temporary file next to ``path``, then rename it onto
+    ``path`` (:func:`os.replace`, atomic within a directory): ``path`` is either its previous
+    content or the complete new one, never a part. On any error (or an interrupt) the
+    temporary file is removed and the error re-raised. The file gets the permissions a
+    plain ``open(path, "w")`` would give it (``0o666`` less the umask)."""
+    directory = path.parent
+    for _ in range(100):
+        tmp = directory / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"could not create a temporary file in {os.fspath(directory)!r}")
+    try:
+        with (os.fdopen(fd, "wb") if binary
+              else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``results.json`` into ``out_dir`` (created if needed); returns its path."""
+    """Write ``results.json`` into ``out_dir`` (created if needed); returns its path.
+
+    The file is written atomically (a temporary file in ``out_dir``, then renamed): an
+    interrupted write leaves the previous ``results.json``, if any, and no temporary file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(_json_ready(results), handle, indent=1)
+    ready = _json_ready(results)
+
+    def write(handle: IO[Any]) -> None:
+        json.dump(ready, handle, indent=1)
         handle.write("\n")
+
+    _write_atomic(path, write, binary=False)
     return path
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder ``out_dir`` if it is missing and check that a file can be
+    written in it (a probe file is created and removed); returns it as a :class:`Path`.
+
+    Raises:
+        CompareError: ``out_dir`` is an existing file, cannot be created (a parent is a
+            file, permission denied, …) or is not writable; the message names the path.
+    """
+    out = Path(out_dir)
+    shown = f"--out {os.fspath(out_dir)!r}"
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"{shown} is an existing file, not a directory; pass the path of "
+                           "a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompareError(f"{shown}: cannot create the output directory: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".curvlib-compare-", suffix=".probe")
+    except OSError as exc:
+        raise CompareError(f"{shown}: the output directory is not writable: "
+                           f"{exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
 
 
 # =========================================================================== command line
@@ -1430,8 +1586,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, list[RunSpec], int, list[int], bool]:
-    """Task, runs, epochs, seeds and lr decay from the flags (first) and the config file."""
+def _resolve(args: argparse.Namespace
+             ) -> tuple[str, list[RunSpec], int, list[int], bool, str | None]:
+    """Task, runs, epochs, seeds and lr decay from the flags (first) and the config file, and
+    the config file's text (``None`` without one)."""
     cfg = load_config(args.config) if args.config else Config()
     task = args.task or cfg.task or "digits-mlp"
     _get_task(task)
@@ -1447,7 +1605,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[RunSpec], int, list[in
     epochs = args.epochs or cfg.epochs or TASKS[task].epochs
     seeds = args.seeds or cfg.seeds or [0]
     lr_decay = bool(args.lr_decay if args.lr_decay is not None else cfg.lr_decay)
-    return task, specs, epochs, seeds, lr_decay
+    return task, specs, epochs, seeds, lr_decay, cfg.text
 
 
 #: The lines printed under the table.
@@ -1462,10 +1620,12 @@ mean ± std over the seeds where more than one seed ran"""
 
 def run(args: argparse.Namespace) -> int:
     """Run ``curvlib compare`` with parsed arguments; returns the exit status (0 ok, 1 a run
-    failed or a dependency is missing; usage errors exit with 2 through argparse)."""
+    failed, a dependency is missing or the results could not be written; usage errors —
+    a bad flag or config file, an output folder that cannot be created or written — exit
+    with 2 through argparse, before any training)."""
     parser: argparse.ArgumentParser = args.subparser
     try:
-        task, specs, epochs, seeds, lr_decay = _resolve(args)
+        task, specs, epochs, seeds, lr_decay, config_text = _resolve(args)
     except CompareError as exc:
         parser.error(str(exc))
     progress = not args.no_progress and sys.stderr.isatty()
@@ -1476,6 +1636,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"curvlib compare: the progress bars need tqdm: {_BENCH_HINT} (or pass "
                   "--no-progress)", file=sys.stderr)
             return 1
+    try:  # before training: a run must not end with nowhere to write its results
+        out = _prepare_out_dir(args.out)
+    except CompareError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     t = TASKS[task]
     print(f"curvlib compare: {task}: {t.description}")
@@ -1496,20 +1660,27 @@ def run(args: argparse.Namespace) -> int:
     results["argv"] = list(sys.argv)
     results["config"]["config_file"] = args.config
     if args.config:  # the file as it was read, so that the run can be repeated
-        results["config"]["config_text"] = Path(args.config).read_text(encoding="utf-8")
+        results["config"]["config_text"] = config_text
     results["config"]["recipes"] = [s.recipe for s in specs if s.recipe is not None]
     print(f"data: {results['task']['data']} "
           f"({results['task']['split']}); trained and evaluated in {results['wall_s']:.1f} s")
     print()
     print(format_table(results))
     print()
+    fallbacks = format_fallbacks(results)
+    if fallbacks:
+        print(fallbacks)
+        print()
     print(EXPLANATION)
-    out = Path(args.out)
-    path = write_results(results, out)
     try:
+        path = write_results(results, out)
         pngs = plot(results, out)
     except ImportError as exc:
         print(f"curvlib compare: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up or the folder went away meanwhile
+        print(f"curvlib compare: cannot write the results into {os.fspath(out)!r}: {exc}",
+              file=sys.stderr)
         return 1
     print(f"wrote {path}, {', '.join(map(str, pngs))}")
     failed = any(s["failed"] for s in results["summary"].values())

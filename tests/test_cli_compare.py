@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from curvlib import cli
 from curvlib import compare as cmp
 
 TINY = ["--epochs", "1", "--max-train", "200", "--no-progress"]
@@ -150,6 +152,7 @@ def test_toml_defines_a_new_assembly(tmp_path: Path) -> None:
     assert run["hyper"] == {"lr": 0.003, "damping": 0.01}
     assert data["runs"]["KFAC-strong"]["hyper"]["lr"] == cmp.DEFAULTS["digits-mlp"]["kfac"]["lr"]
     assert math.isfinite(run["seeds"]["0"]["train_loss"][-1])
+    assert data["config"]["config_text"] == config.read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -334,3 +337,232 @@ def test_table3_config_and_tuning_script(tmp_path: Path) -> None:
                               "--seeds", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text(encoding="utf-8"))
     assert set(data["chosen"]["digits-mlp"]) == {"adam"}
+
+
+# --------------------------------------------------------------------------- refused up front
+
+
+class _TrainingStarted(Exception):
+    pass
+
+
+def _no_training(*args: Any, **kwargs: Any) -> Any:
+    raise _TrainingStarted("compare() was called: the input was not refused before training")
+
+
+def _refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+             *args: str) -> str:
+    """Run ``curvlib compare ARGS`` in-process; assert that it exits with 2 before any
+    training (``compare`` is replaced by a function that fails); return its stderr."""
+    monkeypatch.setattr(cmp, "compare", _no_training)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "curvlib compare: error:" in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(("text", "entry", "key"), [
+    ("[hyper.kfac]\nlr = nan\n", "[hyper.kfac]", "lr = nan"),
+    ("[hyper.kfac]\ndamping = inf\n", "[hyper.kfac]", "damping = inf"),
+    ("[hyper.kfac]\nema = -inf\n", "[hyper.kfac]", "ema = -inf"),
+    ("[hyper.sgd]\nmomentum = nan\n", "[hyper.sgd]", "momentum = nan"),
+    ("[hyper.sgd]\nweight_decay = +inf\n", "[hyper.sgd]", "weight_decay = inf"),
+    ("[hyper.sgd]\ndampening = -nan\n", "[hyper.sgd]", "dampening = nan"),
+    ("[hyper.adam]\neps = inf\n", "[hyper.adam]", "eps = inf"),
+    ("[hyper.adam]\nbetas = [0.9, nan]\n", "[hyper.adam]", "betas[1] = nan"),
+    ('[[run]]\nname = "KFAC-x"\nrecipe = "kfac"\ndamping = nan\n', "[[run]] 'KFAC-x'",
+     "damping = nan"),
+    ('[[run]]\nname = "A"\nsource = "empirical"\nstructure = "kfac"\nlr = 0.1\n'
+     "damping = 0.1\nmomentum = inf\n", "[[run]] 'A'", "momentum = inf"),
+    ('[[run]]\nname = "A"\nsource = "empirical"\nstructure = "kfac"\nlr = -inf\n'
+     "damping = 0.1\n", "[[run]] 'A'", "lr = -inf"),
+    ('[[run]]\nname = "S"\nsource = "empirical"\nstructure = "shampoo"\nlr = 0.1\n'
+     "damping = 0.1\n[run.structure_options]\nroot = nan\n", "[[run]] 'S'",
+     "structure_options.root = nan"),
+])
+def test_nonfinite_config_value_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], text: str,
+                                           entry: str, key: str) -> None:
+    config = tmp_path / "nonfinite.toml"
+    config.write_text('recipes = ["sgd", "adam", "kfac"]\n' + text, encoding="utf-8")
+    out = tmp_path / "out"
+    err = _refused(monkeypatch, capsys, "--config", str(config), "--out", str(out), *TINY)
+    assert repr(str(config)) in err and entry in err and key in err
+    assert "not a finite number" in err
+    assert not out.exists()  # refused before any state changed
+    with pytest.raises(cmp.CompareError, match="not a finite number"):
+        cmp.load_config(config)
+
+
+def test_nonfinite_value_of_a_config_built_in_code_is_refused() -> None:
+    with pytest.raises(cmp.CompareError, match=r"\[hyper.kfac\]: lr = nan"):
+        cmp.specs_from_config("digits-mlp", ["sgd", "kfac"],
+                              cmp.Config(hyper={"kfac": {"lr": math.nan}}))
+    with pytest.raises(cmp.CompareError, match=r"\[\[run\]\] 'z': damping = inf"):
+        cmp.specs_from_config("digits-mlp", ["sgd"], cmp.Config(runs=[
+            {"name": "z", "source": "empirical", "structure": "kfac", "lr": 0.1,
+             "damping": math.inf}]))
+    with pytest.raises(cmp.CompareError, match="lr = nan"):
+        cmp.default_specs("digits-mlp", ["kfac"], lr=math.nan)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--damping"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "Infinity", "-NaN"])
+def test_nonfinite_float_flag_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], flag: str,
+                                         value: str) -> None:
+    err = _refused(monkeypatch, capsys, f"{flag}={value}", "--out", str(tmp_path / "o"),
+                   *TINY)
+    assert f"argument {flag}" in err and "finite" in err and repr(value) in err
+
+
+def test_out_under_a_regular_file_is_refused_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n", encoding="utf-8")
+    for out in (blocker / "out", blocker / "deeper" / "out"):
+        err = _refused(monkeypatch, capsys, "--out", str(out), *TINY)
+        assert repr(str(out)) in err and "cannot create the output directory" in err
+    assert blocker.read_text(encoding="utf-8") == "not a folder\n"
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only folder (as root, where chmod does not stop writing, an existing regular
+    file given as ``--out`` instead)."""
+    if os.geteuid() == 0:  # root writes through a read-only mode bit
+        out = tmp_path / "results-file"
+        out.write_text("{}\n", encoding="utf-8")
+        err = _refused(monkeypatch, capsys, "--out", str(out), *TINY)
+        assert repr(str(out)) in err and "is an existing file, not a directory" in err
+        assert out.read_text(encoding="utf-8") == "{}\n"
+        return
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        err = _refused(monkeypatch, capsys, "--out", str(locked), *TINY)
+        assert repr(str(locked)) in err and "not writable" in err
+        err = _refused(monkeypatch, capsys, "--out", str(locked / "sub"), *TINY)
+        assert repr(str(locked / "sub")) in err and "cannot create" in err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_is_created_before_training(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "new" / "out"
+    seen: list[bool] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        seen.append(out.is_dir())
+        raise _TrainingStarted
+
+    monkeypatch.setattr(cmp, "compare", record)
+    with pytest.raises(_TrainingStarted):
+        cli.main(["compare", "--recipes", "sgd", "--out", str(out), *TINY])
+    assert seen == [True] and list(out.iterdir()) == []  # the write probe is removed
+
+
+@pytest.mark.parametrize("case", ["directory", "missing", "not-utf-8"])
+def test_unreadable_config_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str], case: str) -> None:
+    config = tmp_path / "runs.toml"
+    if case == "directory":
+        config.mkdir()
+        expected = "is a directory"
+    elif case == "missing":
+        expected = "does not exist"
+    else:
+        config.write_bytes(b"\xff\xfe" + 'recipes = ["sgd"]\n'.encode("utf-16-le"))
+        expected = "is not valid UTF-8"
+    out = tmp_path / "out"
+    err = _refused(monkeypatch, capsys, "--config", str(config), "--out", str(out), *TINY)
+    assert f"config file {str(config)!r} {expected}" in err
+    assert not out.exists()
+    with pytest.raises(cmp.CompareError, match=expected):
+        cmp.load_config(config)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _mode_of_a_new_file() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _leftovers(folder: Path, expected: set[str]) -> set[str]:
+    return {p.name for p in folder.iterdir()} - expected
+
+
+@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_results_json_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             error: BaseException) -> None:
+    path = cmp.write_results({"run": 1, "loss": [1.0, 0.5]}, tmp_path)
+    before = path.read_bytes()
+    assert json.loads(before) == {"run": 1, "loss": [1.0, 0.5]}
+    if os.name == "posix":
+        assert path.stat().st_mode & 0o777 == _mode_of_a_new_file()
+    real_dump = json.dump
+
+    def failing_dump(obj: Any, handle: Any, **kwargs: Any) -> None:
+        handle.write('{"run": 2, "loss": [')  # part of the new file, then the failure
+        handle.flush()
+        raise error
+
+    monkeypatch.setattr(json, "dump", failing_dump)
+    with pytest.raises(type(error)):
+        cmp.write_results({"run": 2, "loss": [0.25]}, tmp_path)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path, {"results.json"}) == set()
+    monkeypatch.setattr(json, "dump", real_dump)
+    cmp.write_results({"run": 3}, tmp_path)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"run": 3}
+    assert _leftovers(tmp_path, {"results.json"}) == set()
+
+
+def _plot_results() -> dict[str, Any]:
+    """The least that :func:`curvlib.compare.plot` reads: two runs, two seeds, two epochs."""
+    def rec(scale: float) -> dict[str, Any]:
+        return {"train_loss": [2.3 * scale, 1.0 * scale, 0.5 * scale],
+                "time": [0.0, 0.1 * scale, 0.2 * scale]}
+
+    return {"task": {"name": "digits-mlp", "description": "MLP", "data": "64 train / 8 test",
+                     "batch_size": 64},
+            "config": {"seeds": [0, 1]},
+            "runs": {name: {"describe": "lr=0.1", "seeds": {0: rec(s), 1: rec(1.1 * s)}}
+                     for name, s in (("SGD-m", 1.0), ("KFAC", 0.5))}}
+
+
+def test_plots_are_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    _require_bench()
+    from matplotlib.figure import Figure
+
+    names = {"loss_vs_epoch.png", "loss_vs_time.png"}
+    paths = cmp.plot(_plot_results(), tmp_path)
+    assert {p.name for p in paths} == names
+    before = {p.name: p.read_bytes() for p in paths}
+    assert all(b[:8] == PNG_MAGIC for b in before.values())
+
+    def failing_savefig(self: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(fname, (str, os.PathLike)):
+            with open(fname, "wb") as handle:
+                handle.write(PNG_MAGIC)
+        else:
+            fname.write(PNG_MAGIC)  # the start of a PNG, then the failure
+            fname.flush()
+        raise RuntimeError("interrupted while saving")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(RuntimeError, match="interrupted while saving"):
+        cmp.plot(_plot_results(), tmp_path)
+    assert {p.name: p.read_bytes() for p in paths} == before
+    assert _leftovers(tmp_path, names) == set()
