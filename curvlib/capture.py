@@ -42,10 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from curvlib.errors import CurvlibError
+
 __all__ = ["Call", "Capture", "CaptureError", "parameter_owners"]
 
 
-class CaptureError(RuntimeError):
+class CaptureError(CurvlibError, RuntimeError):
     """A capture was used in a way that cannot give correct per-sample quantities."""
 
 
@@ -71,8 +73,11 @@ class Call:
     grad_output: Tensor | None = None
     output_version: int = 0
     _handle: Any = field(default=None, repr=False)
-    _node: Any = field(default=None, repr=False)  # Y's gradient edge (grad_hooks=False)
+    _node: Any = field(default=None, repr=False)  # Y's gradient edge
     _meta: Any = field(default=None, repr=False)  # Y's (shape, dtype, device)
+    #: the autograd nodes that produced the call's tensor inputs (where the call's own part
+    #: of the graph begins; :func:`curvlib.coverage.unseen_uses` reads them)
+    _input_nodes: tuple[Any, ...] = field(default=(), repr=False)
 
     @property
     def input(self) -> Tensor:
@@ -107,6 +112,19 @@ def parameter_owners(model: nn.Module) -> dict[str, nn.Module]:
     return owners
 
 
+def _grad_fns(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    """The ``grad_fn`` of every tensor among a call's arguments (one level of tuples, lists
+    and dict values), ``None``s left out."""
+    out = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            if value.grad_fn is not None:
+                out.append(value.grad_fn)
+        elif isinstance(value, tuple | list):
+            out.extend(v.grad_fn for v in value if isinstance(v, Tensor) and v.grad_fn is not None)
+    return tuple(out)
+
+
 def _detach(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
@@ -124,7 +142,7 @@ class _StoreGrad:
     capture's ``on_grad`` (through a weak reference: a hook never keeps a forgotten capture
     and its tensors alive)."""
 
-    __slots__ = ("capture", "module", "call")
+    __slots__ = ("call", "capture", "module")
 
     def __init__(self, capture: weakref.ref, module: nn.Module, call: Call):
         self.capture, self.module, self.call = capture, module, call
@@ -310,18 +328,23 @@ class Capture:
         if not isinstance(output, Tensor):
             raise CaptureError(
                 f"module {self.names[module]!r} ({type(module).__name__}) returned a "
-                f"{type(output).__name__}; curvlib's capture needs modules that return one "
-                f"tensor. Wrap the module, or exclude its parameters from the optimizer."
+                f"{type(output).__name__}; curvlib records the inputs and output gradient of "
+                f"modules that return one tensor, so it has no per-sample statistics for this "
+                f"module's parameters. In an optimizer, put them in a param group with "
+                f"precondition=False (they then get SGD with momentum), or use a structure "
+                f"that needs only batch gradients (tensor_normal, shampoo, diagonal); with a "
+                f"Capture of your own, pass it the modules to watch instead of the model."
             )
         # this runs on every forward call of every watched module: the common case (tensor
         # arguments, no keywords) takes no recursion
         inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
         call = Call(inputs, _detach(kwargs) if kwargs else {}, output, None, output._version)
         if output.requires_grad:
+            call._node = get_gradient_edge(output)
+            call._input_nodes = _grad_fns(args, kwargs)
             if self.grad_hooks:
                 call._handle = output.register_hook(_StoreGrad(self._ref, module, call))
             else:  # Z will be the gradient at the edge that produced Y
-                call._node = get_gradient_edge(output)
                 call._meta = (output.shape, output.dtype, output.device)
                 keep = self.keep_outputs
                 if keep is not True and (keep is False or module not in keep):
@@ -431,3 +454,4 @@ class Capture:
                     c._handle = None
                 c.output = None
                 c._node = None
+                c._input_nodes = ()

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.capture import Call, Capture
+from curvlib.errors import CurvlibError
 from curvlib.layers.base import LayerPlugin, plugin_for, trainable_parameters
 from curvlib.likelihoods import Likelihood, as_likelihood
 from curvlib.registry import register, resolve
@@ -57,9 +58,11 @@ __all__ = [
     "Statistics",
     "TrueFisher",
     "as_source",
+    "check_mergeable",
     "data_layout",
     "data_pass",
     "gram",
+    "merge_statistics",
     "per_sample_grads",
     "weighted_layer_grads",
 ]
@@ -70,7 +73,7 @@ PROVIDES: tuple[str, ...] = (
 )
 
 
-class SourceError(RuntimeError):
+class SourceError(CurvlibError, RuntimeError):
     """A source cannot produce what was asked (the message says what would)."""
 
 
@@ -387,6 +390,163 @@ class Statistics:
         return out
 
 
+def merge_statistics(parts: list[Statistics]) -> Statistics:
+    """The statistics of the concatenation of several micro-batches (gradient accumulation).
+
+    Each part is one micro-batch's :class:`Statistics` from the same source, with the same
+    parameters and the same number of draws ``S``; the result is what the source would
+    have given for the concatenated batch with the same targets: rows are concatenated
+    (draw-major, as in one batch), batch gradients are the ``N_k/N``-weighted means of the
+    parts', mode statistics and Kronecker factors (means over samples) likewise. The
+    per-sample Gram matrix of the concatenation needs cross terms no part holds, so it is
+    refused. :func:`check_mergeable` says why two parts cannot be merged.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    return _Merged(parts)
+
+
+def check_mergeable(first: Statistics, new: Statistics) -> str | None:
+    """Why ``new`` cannot be merged with ``first`` (``None`` when it can)."""
+    if new.num_samples != first.num_samples:
+        return (f"the micro-batches drew {first.num_samples} and {new.num_samples} target(s) "
+                f"per sample")
+    if dict(new.shapes) != dict(first.shapes):
+        return "the micro-batches recorded different parameters (a module was not called)"
+    for a, b in zip(first._layers, new._layers, strict=False):
+        if len(a.calls) != len(b.calls):
+            return (f"module {a.name!r} was called {len(a.calls)} and {len(b.calls)} times in "
+                    f"the micro-batches")
+        for ca, cb in zip(a.calls, b.calls, strict=True):
+            sa = [tuple(t.shape[1:]) for t in ca.inputs if isinstance(t, Tensor)]
+            sb = [tuple(t.shape[1:]) for t in cb.inputs if isinstance(t, Tensor)]
+            if sa != sb:
+                return (f"module {a.name!r} saw inputs of shapes {sa} and {sb} (beyond the "
+                        f"batch dimension) in the micro-batches")
+    if len(first._layers) != len(new._layers):
+        return "the micro-batches recorded different modules"
+    return None
+
+
+class _Merged(Statistics):
+    """Statistics of concatenated micro-batches (see :func:`merge_statistics`)."""
+
+    def __init__(self, parts: list[Statistics]):
+        first = parts[0]
+        loss = None
+        n = sum(p.batch_size for p in parts)
+        if all(p.loss is not None for p in parts):
+            loss = sum(p.loss * (p.batch_size / n) for p in parts)
+        targets = [torch.cat([p.targets[s] for p in parts]) for s in range(first.num_samples)] \
+            if all(len(p.targets) == first.num_samples for p in parts) else []
+        super().__init__(first.source, n, first.num_samples, first.sampled, first.provides,
+                         loss, dict(first.shapes), targets, first._layers,
+                         _capture=first._capture)
+        self.parts = parts
+
+    def _weights(self) -> list[float]:
+        return [p.batch_size / self.batch_size for p in self.parts]
+
+    def _rows(self, per_part: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Concatenate row-indexed tensors of the parts, draw-major over the whole batch."""
+        s = self.num_samples
+        out = {}
+        for name in per_part[0]:
+            blocks = [d[name].reshape(s, p.batch_size, *d[name].shape[1:])
+                      for d, p in zip(per_part, self.parts, strict=True)]
+            cat = torch.cat(blocks, 1)
+            out[name] = cat.reshape(s * self.batch_size, *cat.shape[2:])
+        return out
+
+    def _split(self, c: Tensor) -> list[Tensor]:
+        """A ``(S·N,)`` vector over the whole batch as the parts' ``(S·N_k,)`` vectors."""
+        s = self.num_samples
+        c = c.reshape(s, self.batch_size)
+        sizes = [p.batch_size for p in self.parts]
+        return [b.reshape(-1) for b in torch.split(c, sizes, dim=1)]
+
+    def per_sample_grads(self) -> dict[str, Tensor]:
+        """The parts' per-sample gradients, rows concatenated (draw-major)."""
+        self._need("per_sample_grads")
+        if self._per_sample is None:
+            self._per_sample = self._rows([p.per_sample_grads() for p in self.parts])
+        return self._per_sample
+
+    def gram(self) -> dict[str, Tensor]:
+        """Refused: the Gram matrix of concatenated micro-batches needs cross terms."""
+        raise SourceError(
+            "the per-sample Gram matrix of accumulated micro-batches needs the cross terms "
+            "between them, which no micro-batch holds: call opt.backward once per step with "
+            "this structure")
+
+    def weighted_grads(self, coefficients: Tensor | dict[str, Tensor],
+                       names: Any = None) -> dict[str, Tensor]:
+        """``Σ_r c_r g_r`` over the rows of all parts."""
+        self._need("weighted_grads")
+        if isinstance(coefficients, Tensor):
+            pieces: list[Any] = self._split(coefficients)
+        else:
+            split = {k: self._split(v) for k, v in coefficients.items()}
+            pieces = [{k: v[i] for k, v in split.items()} for i in range(len(self.parts))]
+        total: dict[str, Tensor] = {}
+        for part, c in zip(self.parts, pieces, strict=True):
+            for name, g in part.weighted_grads(c, names).items():
+                total[name] = g if name not in total else total[name] + g
+        return total
+
+    def row_dots(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``⟨g_r, v⟩`` for the rows of all parts (draw-major)."""
+        self._need("row_dots")
+        per = [p.row_dots(vectors) for p in self.parts]
+        return {name: t.reshape(-1) for name, t in
+                self._rows([{k: v.unsqueeze(-1) for k, v in d.items()} for d in per]).items()}
+
+    def batch_grads(self) -> dict[str, Tensor]:
+        """Each draw's gradient of the mean loss over the whole batch: ``Σ_k (N_k/N) ḡ_k``."""
+        self._need("batch_grads")
+        if self._batch_grads is None:
+            out: dict[str, Tensor] = {}
+            for part, w in zip(self.parts, self._weights(), strict=True):
+                for name, g in part.batch_grads().items():
+                    out[name] = g * w if name not in out else out[name] + g * w
+            self._batch_grads = out
+        return self._batch_grads
+
+    def mode_statistics(self, dims: dict[str, tuple[int, ...]],
+                        modes: dict[str, list[int]] | None = None
+                        ) -> dict[str, list[Tensor | None]]:
+        """The ``R_k/R``-weighted mean of the parts' mode statistics (means over rows)."""
+        self._need("per_sample_grads")
+        out: dict[str, list[Tensor | None]] = {}
+        for part, w in zip(self.parts, self._weights(), strict=True):
+            for name, mats in part.mode_statistics(dims, modes).items():
+                scaled = [None if m is None else m * w for m in mats]
+                if name not in out:
+                    out[name] = scaled
+                else:
+                    out[name] = [a if b is None else a + b
+                                 for a, b in zip(out[name], scaled, strict=True)]
+        return out
+
+    def kfac_factors(self, mode: str = "expand", modules: Iterable[str] | None = None
+                     ) -> dict[str, Any]:
+        """The ``N_k/N``-weighted means of the parts' factors (both are means over samples)."""
+        from dataclasses import replace
+
+        self._need("kfac_factors")
+        wanted = None if modules is None else list(modules)
+        out: dict[str, Any] = {}
+        for part, w in zip(self.parts, self._weights(), strict=True):
+            for name, f in part.kfac_factors(mode, wanted).items():
+                if name not in out:
+                    out[name] = replace(f, input_cov=f.input_cov * w, grad_cov=f.grad_cov * w)
+                else:
+                    g = out[name]
+                    out[name] = replace(g, input_cov=g.input_cov + f.input_cov * w,
+                                        grad_cov=g.grad_cov + f.grad_cov * w)
+        return out
+
+
 def weighted_layer_grads(plugin: LayerPlugin, module: nn.Module, calls: list[Call],
                          params: dict[str, str], coefficients: dict[str, Tensor],
                          out: dict[str, Tensor], wanted: Any = None) -> None:
@@ -442,6 +602,14 @@ class Source(abc.ABC):
         """Whether :meth:`collect` needs the data's targets."""
         return True
 
+    def needs_capture_for(self, needs: frozenset[str]) -> bool:
+        """Whether :meth:`collect` needs the layer records to provide ``needs`` (names in
+        :data:`PROVIDES`). Default: :attr:`needs_capture`. curvlib's sources give
+        ``batch_grads`` alone from ordinary backward passes, without records, so that a
+        structure that needs only batch gradients (``tensor_normal``, ``shampoo``,
+        ``diagonal``) works on any model, whatever its modules return."""
+        return self.needs_capture
+
     @abc.abstractmethod
     def collect(
         self,
@@ -475,6 +643,33 @@ class Source(abc.ABC):
         Default: ``None`` (the optimizer calls :meth:`collect`).
         """
         return None
+
+
+def _batch_statistics(name: str, model: nn.Module, lik: Likelihood, outputs: Tensor,
+                      targets: Tensor | None, draws: list[Tensor], sampled: bool,
+                      capture: Capture | None) -> Statistics:
+    """Statistics holding only ``batch_grads``: ``∂/∂θ`` of each draw's mean loss, one
+    ordinary backward pass per draw (graph retained), for every trainable parameter."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    per_draw = []
+    with capture.paused() if capture is not None else nullcontext():
+        for y in draws:
+            g = torch.autograd.grad(lik.mean_loss(outputs, y), list(named.values()),
+                                    retain_graph=True, allow_unused=True)
+            per_draw.append([torch.zeros_like(p) if gi is None else gi
+                             for gi, p in zip(g, named.values(), strict=True)])
+    if len(per_draw) == 1:  # no copy for the common single draw
+        batch = {n: per_draw[0][i].detach().unsqueeze(0) for i, n in enumerate(named)}
+    else:
+        batch = {n: torch.stack([d[i] for d in per_draw]).detach()
+                 for i, n in enumerate(named)}
+    loss = None
+    if targets is not None:
+        with torch.no_grad():
+            loss = lik.mean_loss(outputs.detach(), targets)
+    return Statistics(name, int(outputs.shape[0]), len(draws), sampled,
+                      frozenset({"batch_grads"}), loss, {n: p.shape for n, p in named.items()},
+                      list(draws), _batch_grads=batch)
 
 
 def _trainable_names(model: nn.Module) -> dict[str, torch.Size]:
@@ -527,6 +722,10 @@ class _OutputGradientSource(Source):
         """Only data targets need the caller's targets."""
         return self.targets == "data"
 
+    def needs_capture_for(self, needs: frozenset[str]) -> bool:
+        """Records are needed for anything beyond ``batch_grads``."""
+        return not needs <= {"batch_grads"}
+
     def _draws(self, likelihood: Likelihood, outputs: Tensor, targets: Tensor | None,
                generator: torch.Generator | None) -> list[Tensor]:
         if self.targets == "data":
@@ -554,13 +753,17 @@ class _OutputGradientSource(Source):
         capture: Capture | None = None,
         generator: torch.Generator | None = None,
     ) -> Statistics:
-        """Backward passes of the summed per-sample losses to the recorded layer outputs."""
-        if capture is None:
-            raise SourceError(
-                f"source {self.name!r} needs the forward pass recorded: run the model inside "
-                f"`with curvlib.capture.Capture(model) as cap:` and pass capture=cap"
-            )
+        """Backward passes of the summed per-sample losses to the recorded layer outputs.
+
+        Without a ``capture`` the statistics hold only ``batch_grads`` (each draw's gradient
+        of the mean loss, from one ordinary backward pass per draw, for every trainable
+        parameter of the model): what structures that need nothing else use.
+        """
         lik = as_likelihood(likelihood)
+        if capture is None:
+            draws = self._draws(lik, outputs, targets, generator)
+            return _batch_statistics(self.name, model, lik, outputs, targets, draws,
+                                     self.targets == "sampled", None)
         draws = self._draws(lik, outputs, targets, generator)
         grads: dict[nn.Module, list[list[Tensor]]] = {m: [] for m in capture.calls}
         with capture.paused():
@@ -710,34 +913,19 @@ class TrueFisher(_OutputGradientSource):
         """Only the per-sample mode needs the layer records."""
         return self.per_sample
 
+    def needs_capture_for(self, needs: frozenset[str]) -> bool:
+        """Records are needed in the per-sample mode, for anything beyond ``batch_grads``."""
+        return self.per_sample and not needs <= {"batch_grads"}
+
     def collect(self, model, likelihood, outputs, targets, *, capture=None, generator=None):
-        """Per-sample mode: as the base; batch mode: ``∂/∂θ`` of each draw's mean loss."""
+        """Per-sample mode: as the base (``batch_grads`` alone without a ``capture``);
+        batch mode: ``∂/∂θ`` of each draw's mean loss."""
         if self.per_sample:
             return super().collect(model, likelihood, outputs, targets, capture=capture,
                                    generator=generator)
         lik = as_likelihood(likelihood)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         draws = self._draws(lik, outputs, None, generator)
-        per_draw = []
-        ctx = capture.paused() if capture is not None else nullcontext()
-        with ctx:
-            for y in draws:
-                g = torch.autograd.grad(lik.mean_loss(outputs, y), list(named.values()),
-                                        retain_graph=True, allow_unused=True)
-                per_draw.append([torch.zeros_like(p) if gi is None else gi
-                                 for gi, p in zip(g, named.values(), strict=True)])
-        if len(per_draw) == 1:  # no copy for the common single draw
-            batch = {n: per_draw[0][i].detach().unsqueeze(0) for i, n in enumerate(named)}
-        else:
-            batch = {n: torch.stack([d[i] for d in per_draw]).detach()
-                     for i, n in enumerate(named)}
-        loss = None
-        if targets is not None:
-            with torch.no_grad():
-                loss = lik.mean_loss(outputs.detach(), targets)
-        return Statistics(self.name, int(outputs.shape[0]), len(draws), True, self.provides,
-                          loss, {n: p.shape for n, p in named.items()}, list(draws),
-                          _batch_grads=batch)
+        return _batch_statistics(self.name, model, lik, outputs, targets, draws, True, capture)
 
     @classmethod
     def examples(cls) -> list[Source]:
