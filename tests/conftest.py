@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    # CUDA-only checks cannot run on a CPU machine; DEVELOPERS.md asks them to skip cleanly.
+    # CUDA-only checks cannot run on a CPU machine: without a GPU they are skipped (reported as
+    # skips, not failures), so the suite passes cleanly on CPU-only machines.
     skip = pytest.mark.skip(reason="needs a CUDA device (marker 'cuda')")
     for item in items:
         if "cuda" in item.keywords:

@@ -37,7 +37,7 @@ from curvlib.testing.fakes import (
     structure_items as _items,
 )
 from curvlib.testing.reference import ReferenceOptimizer
-from curvlib.testing.strategies import ModelSpec, dampings, make_targets, problems, seeds
+from curvlib.testing.strategies import ModelSpec, dampings, examples, make_targets, problems, seeds
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def layouts(draw):
 @given(shapes=layouts(), blocks=st.sampled_from(["layer", "tensor"]), rows=st.integers(1, 6),
        seed=seeds(), eps=dampings(), solver=st.sampled_from([Cholesky(), Eigh()]),
        statistics=st.sampled_from(["per_sample", "batch"]))
-@settings(max_examples=40)
+@settings(max_examples=examples(0.2))
 def test_direction_is_the_damped_block_inverse(shapes, blocks, rows, seed, eps, solver,
                                                statistics):
     dense = Dense(blocks=blocks, statistics=statistics)
@@ -269,7 +269,8 @@ SOURCES = {"mc": TrueFisher(per_sample=True, num_samples=2),
 @given(problem=problems(kinds=("mlp", "cnn1d"), spatial_output=False, sizes=st.integers(1, 4)),
        ema=st.sampled_from([0.0, 0.6]), schedule=st.sampled_from([(1, 1), (1, 3), (2, 2)]),
        damping=st.sampled_from([0.3, 1.0]))
-@settings(max_examples=6)  # × 7 configurations; four optimizer steps with oracle gradients
+# × 7 configurations; four optimizer steps with oracle gradients each
+@settings(max_examples=examples(0.03))
 def test_steps_equal_the_dense_reference(config, problem, ema, schedule, damping):
     source, structure = SOURCES[config[0]], config[1]
     model = problem.model

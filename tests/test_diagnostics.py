@@ -22,7 +22,7 @@ from curvlib.structures import Dense, TensorNormal
 from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
 from curvlib.testing.reference.tensor_normal import mode_statistic, normalised, tnt_dims
-from curvlib.testing.strategies import ModelSpec, dampings, make_targets, problems
+from curvlib.testing.strategies import ModelSpec, dampings, examples, make_targets, problems
 
 F64 = torch.float64
 
@@ -62,7 +62,7 @@ def _step(opt, model, x, y, times=1):
 
 @given(problem=problems(kinds=("mlp", "cnn1d"), spatial_output=False, sizes=st.integers(1, 4)),
        blocks=st.sampled_from(["layer", "tensor", "model"]), empirical=st.booleans())
-@settings(max_examples=20)
+@settings(max_examples=examples(0.1))
 def test_block_fisher_is_the_oracles_diagonal_blocks(problem, blocks, empirical):
     model, x, y = problem.model, problem.inputs, problem.targets
     found = diagnostics.block_fisher(model, problem.likelihood, x,
@@ -87,7 +87,7 @@ def test_block_fisher_refuses_a_large_model():
 
 
 @given(seed=st.integers(0, 100), damping=dampings())
-@settings(max_examples=20)
+@settings(max_examples=examples(0.1))
 def test_damped_direction_solves_each_block(seed, damping):
     model, x, y = _problem(seed=seed)
     blocks = diagnostics.block_fisher(model, "categorical", x, targets=y)
@@ -351,7 +351,7 @@ def test_block_errors_scale_options():
 @given(seed=st.integers(0, 1000), max_dim=st.sampled_from([None, 2, 3]),
        reshape=st.sampled_from(["out_in_kernel", "out_rest", "as_is"]),
        statistics=st.sampled_from(["batch", "per_sample"]))
-@settings(max_examples=15)
+@settings(max_examples=examples(0.075))
 def test_tensor_normal_blocks_are_the_kronecker_product_of_normalised_factors(
         seed, max_dim, reshape, statistics):
     spec = ModelSpec("cnn2d", (2, 4, 4), (3,), 2, kernel=2, seed=seed)

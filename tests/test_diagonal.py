@@ -37,7 +37,14 @@ from curvlib.testing.fakes import (
     structure_items as _items,
 )
 from curvlib.testing.reference import check_steps
-from curvlib.testing.strategies import ModelSpec, dampings, make_targets, seeds, tensor_shapes
+from curvlib.testing.strategies import (
+    ModelSpec,
+    dampings,
+    examples,
+    make_targets,
+    seeds,
+    tensor_shapes,
+)
 
 F64 = torch.float64
 
@@ -47,7 +54,7 @@ F64 = torch.float64
        power=st.sampled_from([0.5, 1.0, 0.25, 2.0]),
        statistics=st.sampled_from(["batch", "per_sample"]),
        ema=st.sampled_from([0.0, 0.5, 0.999]))
-@settings(max_examples=50)
+@settings(max_examples=examples(0.25))
 def test_direction_equals_the_elementwise_formula(shape, rows, steps, seed, eps, scale, power,
                                                   statistics, ema):
     """Float64 at 1e-10: every operation is elementwise, so only a few roundings separate
@@ -263,7 +270,7 @@ _SOURCES = {
            if not Diagonal(statistics).needs - as_source(_SOURCES[source]).provides]),
        power=st.sampled_from([0.5, 1.0]), damping=st.sampled_from([1e-3, 0.1]),
        seed=seeds(), n=st.integers(1, 4))
-@settings(max_examples=30)  # three optimizer steps and up to 12 oracle gradients each
+@settings(max_examples=examples(0.15))  # three optimizer steps and up to 12 oracle gradients each
 def test_assembled_diagonal_steps_equal_the_oracle_formula(case, source_and_statistics, power,
                                                            damping, seed, n):
     """Both statistics and powers, with every source that provides them, at 1e-10 in

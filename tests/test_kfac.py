@@ -33,7 +33,7 @@ from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
 from curvlib.testing.reference import ReferenceOptimizer, ReferenceStatistics
 from curvlib.testing.reference.kfac import ReferenceKFAC
-from curvlib.testing.strategies import ModelSpec, dampings, make_targets, problems, seeds
+from curvlib.testing.strategies import ModelSpec, dampings, examples, make_targets, problems, seeds
 
 F64 = torch.float64
 
@@ -118,7 +118,7 @@ def _batches(spec: ModelSpec, likelihood: str, n: int, steps: int, seed: int):
        pi=st.booleans(), lam=dampings(1e-4, 1e1), steps=st.integers(1, 3),
        ema=st.sampled_from([0.0, 0.5, 0.95]), draws=st.sampled_from([1, 2]),
        empirical=st.booleans(), seed=seeds())
-@settings(max_examples=40)
+@settings(max_examples=examples(0.2))
 def test_direction_and_blocks_equal_the_dense_reference(problem, mode, pi, lam, steps, ema,
                                                         draws, empirical, seed):
     driver = Driver(KFAC(mode=mode, pi_damping=pi), problem.model, problem.likelihood)
@@ -172,7 +172,7 @@ def test_sequences_shared_weights_grouped_and_3d_convolutions(mode, pi):
 @given(problem=problems(kinds=("mlp", "cnn2d"), bias=True), frozen=st.sampled_from(
     ["weight", "bias"]), layer=st.integers(0, 3), mode=st.sampled_from(["expand", "reduce"]),
        lam=dampings(1e-3, 1.0), seed=seeds())
-@settings(max_examples=20)
+@settings(max_examples=examples(0.1))
 def test_a_layer_with_a_frozen_weight_or_bias(problem, frozen, layer, mode, lam, seed):
     layers = [m for m in problem.model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     module = layers[layer % len(layers)]
@@ -210,7 +210,7 @@ class OnePosition(nn.Module):
 @pytest.mark.parametrize("empirical", [False, True])
 @pytest.mark.parametrize("mode", ["expand", "reduce"])
 @given(problem=problems(kinds=("mlp",), sizes=st.just(1)), conv=st.booleans(), seed=seeds())
-@settings(max_examples=15)
+@settings(max_examples=examples(0.075))
 def test_one_sample_at_one_position_is_the_exact_block(empirical, mode, problem, conv, seed):
     """``N = S = 1``, ``T = 1``: ``A = x̄x̄ᵀ``, ``B = zzᵀ``, so ``B ⊗ A = (z ⊗ x̄)(z ⊗ x̄)ᵀ = g gᵀ``,
     the layer's block of the one-sample Fisher at the drawn target (true Fisher source) or of

@@ -23,7 +23,7 @@ from curvlib.layers import (
 from curvlib.layers._patch import MAX_INTERMEDIATE, choose_gram_method, gram_costs
 from curvlib.testing.assertions import assert_close
 from curvlib.testing.contract import check_layer_plugin
-from curvlib.testing.strategies import conv_cases, generic_cases, linear_cases, seeds
+from curvlib.testing.strategies import conv_cases, examples, generic_cases, linear_cases, seeds
 
 # -- the contract: every built-in plugin equals the autograd reference ---------------------
 
@@ -44,9 +44,9 @@ def test_conv_plugin_contract(plugin, dim):
 # every shape. Fewer examples: the shapes are the same as above and each case is slow-ish.
 @pytest.mark.parametrize("method", ["contract", "materialise"])
 def test_forced_gram_paths_satisfy_the_contract(method):
-    check_layer_plugin(LinearPlugin(method), linear_cases(max_calls=3), max_examples=50)
+    check_layer_plugin(LinearPlugin(method), linear_cases(max_calls=3), max_examples=examples(0.25))
     for plugin, dim in ((Conv1dPlugin, 1), (Conv2dPlugin, 2), (Conv3dPlugin, 3)):
-        check_layer_plugin(plugin(method), conv_cases(dims=(dim,)), max_examples=30)
+        check_layer_plugin(plugin(method), conv_cases(dims=(dim,)), max_examples=examples(0.15))
 
 
 def test_generic_plugin_contract_on_unregistered_modules():

@@ -14,7 +14,7 @@ from curvlib.optim import CompatibilityError
 from curvlib.sources import Empirical, GramSource, TrueFisher
 from curvlib.structures import KFAC, SMW, Shampoo, TensorNormal
 from curvlib.testing.reference import check_steps
-from curvlib.testing.strategies import make_targets, problems
+from curvlib.testing.strategies import examples, make_targets, problems
 
 F64 = torch.float64
 
@@ -63,7 +63,7 @@ def test_shampoo_refuses_a_cholesky_solver():
 @pytest.mark.parametrize("name", list(RECIPES))
 @given(problem=problems(kinds=("mlp", "cnn1d"), spatial_output=False, sizes=st.integers(1, 5)),
        steps=st.integers(1, 3))
-@settings(max_examples=10)  # up to three steps, each with oracle per-sample gradients
+@settings(max_examples=examples(0.05))  # up to three steps, each with oracle per-sample gradients
 def test_recipe_steps_equal_the_dense_reference(name, problem, steps):
     model = problem.model
     opt = RECIPES[name](model, problem.likelihood, torch.Generator().manual_seed(problem.seed))

@@ -41,6 +41,7 @@ from curvlib.testing.reference.tensor_normal import unfold
 from curvlib.testing.strategies import (
     ModelSpec,
     dampings,
+    examples,
     make_targets,
     seeds,
     spd_matrices,
@@ -85,7 +86,7 @@ def _dense_direction(roots, dims, m):
 @given(shape=small_shapes(), num=st.integers(1, 4), steps=st.integers(1, 3), seed=seeds(),
        rel_damping=dampings(1e-3, 1e2), scale=st.sampled_from([1e-2, 1.0, 1e2]),
        root=st.sampled_from([None, None, 1, 2, 3, 2.5]), ema=st.sampled_from([0.0, 0.5, 0.95]))
-@settings(max_examples=40)
+@settings(max_examples=examples(0.2))
 def test_direction_equals_the_dense_kronecker_product_of_inverse_roots(
         shape, num, steps, seed, rel_damping, scale, root, ema):
     """Float64, 1e-10 relative. ``ε`` is drawn relative to ``‖G‖²`` (the trace of every
@@ -124,7 +125,7 @@ def test_the_default_power_is_twice_the_order():
 
 
 @given(data=st.data(), policy=st.sampled_from(["out_in_kernel", "out_rest", "as_is"]))
-@settings(max_examples=20)
+@settings(max_examples=examples(0.1))
 def test_reshape_policies_of_order_four_tensors(data, policy):
     o, i, kh, kw = (data.draw(st.integers(1, 3), label=n) for n in ("out", "in", "kh", "kw"))
     shape = (o, i, kh, kw)
@@ -148,7 +149,7 @@ def test_reshape_policies_of_order_four_tensors(data, policy):
 
 
 @given(shape=small_shapes(), max_dim=st.integers(1, 5), seed=seeds(), rel=dampings(1e-2, 10.0))
-@settings(max_examples=30)
+@settings(max_examples=examples(0.15))
 def test_max_dim_leaves_long_modes_unfactored_and_keeps_the_power(shape, max_dim, seed, rel):
     structure = Shampoo(max_dim=max_dim)
     (item,) = items = _items(structure, {"w": shape})
@@ -228,7 +229,7 @@ def _newton_tolerance(d: int, kappa: float, unit: float, stop: float) -> float:
 
 @given(data=st.data(), power=st.sampled_from([2, 4, 6, 8]),
        max_condition=st.sampled_from([1e2, 1e6, 1e10]))
-@settings(max_examples=50)
+@settings(max_examples=examples(0.25))
 def test_newton_inverse_roots_match_eigh_in_float64(data, power, max_condition):
     """``(A + εI)^{-1/p}`` for p ∈ {2, 4, 6, 8} on drawn SPD matrices, well- and
     ill-conditioned (κ up to 1e10), with and without damping: newton converges (``ok``) and
@@ -253,7 +254,7 @@ def test_newton_inverse_roots_match_eigh_in_float64(data, power, max_condition):
 
 
 @given(data=st.data(), power=st.sampled_from([2, 4, 6, 8]))
-@settings(max_examples=30)
+@settings(max_examples=examples(0.15))
 def test_newton_inverse_roots_match_eigh_in_float32(data, power):
     """Float32 state (any model below float64): newton on the float32 matrix against eigh in
     float64, for κ ≤ 1e4 — beyond it ``κ u`` in float32 (u = 2^-24) reaches 1e-3 and newton
@@ -273,7 +274,7 @@ def test_newton_inverse_roots_match_eigh_in_float32(data, power):
 
 @given(shape=small_shapes(), num=st.integers(1, 4), seed=seeds(),
        rel_damping=dampings(1e-3, 1e2), root=st.sampled_from([None, 1, 2, 3]))
-@settings(max_examples=30)
+@settings(max_examples=examples(0.15))
 def test_the_direction_by_newton_matches_eigh(shape, num, seed, rel_damping, root):
     """The whole structure with either solver. Each ``P_i`` agrees to
     :func:`_newton_tolerance` (``ε ≥ 1e-3 tr H_i`` bounds κ_i by 1001); the direction to 1e-9:
@@ -303,7 +304,7 @@ def test_the_direction_by_newton_matches_eigh(shape, num, seed, rel_damping, roo
 
 @given(shape=small_shapes(max_order=3), seed=seeds(), root=st.sampled_from([None, 2, 3]),
        max_dim=st.sampled_from([None, 3]))
-@settings(max_examples=25)
+@settings(max_examples=examples(0.125))
 def test_curvature_blocks_are_the_kronecker_product_whose_inverse_root_is_applied(
         shape, seed, root, max_dim):
     assume(math.prod(shape) <= 48)  # as many draws as entries: keep the loop short
@@ -494,7 +495,7 @@ def _batches(spec, lik, n, steps, seed):
        structure=st.sampled_from([Shampoo(), Shampoo(root=2),
                                   Shampoo(reshape="out_in_kernel", max_dim=3)]),
        damping=st.sampled_from([0.1, 1.0]), seed=seeds(), n=st.integers(1, 4))
-@settings(max_examples=20)  # three optimizer steps and up to 12 oracle gradients each
+@settings(max_examples=examples(0.1))  # three optimizer steps and up to 12 oracle gradients each
 def test_assembled_shampoo_steps_equal_the_dense_reference(case, source, structure, damping,
                                                            seed, n):
     """Float64 end to end, at 1e-10: three steps with ``inverse_every=2`` (a refresh skipped)

@@ -20,7 +20,7 @@ from curvlib.sources import (
 )
 from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
-from curvlib.testing.strategies import problems, seeds
+from curvlib.testing.strategies import examples, problems, seeds
 
 
 def _flat(grads: dict, rows: int) -> torch.Tensor:
@@ -92,9 +92,9 @@ def test_weighted_and_batch_grads_equal_the_oracle(problem, seed):
 
 
 # The sampled-target properties run the float64 oracle once per draw (S up to 3) and the MC
-# oracle again; 60 examples keep the file near a minute under the ci profile while still
-# covering every model kind, likelihood and S.
-SAMPLED = settings(max_examples=60)
+# oracle again; 0.3 of the profile's count (60 under ci) keeps the file near a minute under
+# the ci profile while still covering every model kind, likelihood and S.
+SAMPLED = settings(max_examples=examples(0.3))
 
 
 @SAMPLED
@@ -313,8 +313,11 @@ def test_helper_errors_name_the_fix():
         stats = Empirical().collect(model, as_likelihood("gaussian"), out, x, capture=cap)
     with pytest.raises(ValueError, match=r"coefficients must have shape \(3,\)"):
         stats.weighted_grads(torch.ones(2, dtype=torch.float64))
-    with pytest.raises(SourceError, match="needs the forward pass recorded"):
-        Empirical().collect(model, as_likelihood("gaussian"), model(x), x)
+    # without a capture the statistics hold batch gradients only, and say what else needs one
+    batch_only = Empirical().collect(model, as_likelihood("gaussian"), model(x), x)
+    assert batch_only.provides == {"batch_grads"}
+    with pytest.raises(SourceError, match="does not provide 'per_sample_grads'"):
+        batch_only.per_sample_grads()
 
 
 def test_statistics_kfac_factors_by_module_name():

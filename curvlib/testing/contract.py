@@ -187,7 +187,9 @@ def check_layer_plugin(plugin: Any, cases: Any, *, max_examples: int | None = No
                        rtol: float = 1e-10) -> None:
     """Property-test ``plugin`` on cases drawn from the hypothesis strategy ``cases``.
 
-    ``max_examples`` overrides the active hypothesis profile's count.
+    ``max_examples`` overrides the active hypothesis profile's count; pass
+    :func:`curvlib.testing.strategies.examples` of a fraction (``max_examples=examples(0.25)``)
+    to keep the count scaling with the profile.
     """
     from hypothesis import given, settings
     from hypothesis import strategies as st

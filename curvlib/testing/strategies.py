@@ -16,10 +16,13 @@ Strategies:
 * :func:`tensor_shapes` (order 1–4), :func:`batch_sizes` (from 1), :func:`dampings`
   (log-uniform), :func:`seeds`, :func:`likelihood_names`.
 
-Settings profiles (:func:`load_profile`): ``dev`` — few examples, for quick local runs;
-``ci`` — 200 examples per property, derandomized, so CI is reproducible. The profile comes
-from ``CURVLIB_HYPOTHESIS_PROFILE``, else ``ci`` when ``CI`` is set to a true value, else
-``dev``. Both set ``deadline=None``: timings on shared machines are too noisy to fail on.
+Settings profiles (:func:`load_profile`, counts in :data:`PROFILE_EXAMPLES`): ``dev`` — 25
+examples per property, for quick local runs; ``ci`` — 200, derandomized, so CI is
+reproducible; ``long`` — 1000, *not* derandomized (each run explores new examples), for long
+local runs. The profile comes from ``CURVLIB_HYPOTHESIS_PROFILE``, else ``ci`` when ``CI`` is
+set to a true value, else ``dev``. All set ``deadline=None``: timings on shared machines are
+too noisy to fail on. A property too expensive for the full count runs :func:`examples` of a
+stated fraction of it, so its count still scales with the profile.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATIONS",
     "BUILTIN_LIKELIHOODS",
+    "PROFILE_EXAMPLES",
     "ModelSpec",
     "Problem",
     "batch_sizes",
     "conv_cases",
     "dampings",
+    "examples",
     "generic_cases",
     "likelihood_names",
     "linear_cases",
@@ -57,6 +62,7 @@ __all__ = [
     "problems",
     "register_profiles",
     "seeds",
+    "selected_profile",
     "spd_matrices",
     "tensor_shapes",
 ]
@@ -344,11 +350,47 @@ def spd_matrices(
     return (matrix, eig) if with_spectrum else matrix
 
 
+#: ``max_examples`` of each profile :func:`register_profiles` registers.
+PROFILE_EXAMPLES: dict[str, int] = {"dev": 25, "ci": 200, "long": 1000}
+
+
 def register_profiles() -> None:
-    """Register the ``dev`` and ``ci`` hypothesis profiles (idempotent)."""
-    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("dev", max_examples=25, **common)
-    settings.register_profile("ci", max_examples=200, derandomize=True, print_blob=True, **common)
+    """Register the ``dev``, ``ci`` and ``long`` hypothesis profiles (idempotent).
+
+    ``dev``: 25 examples, random. ``ci``: 200 examples, derandomized (the same examples on
+    every run, so CI is reproducible; the example database is off), failing examples printed
+    as a reproduction blob. ``long``: 1000 examples, random (new examples each run, failures
+    saved to the example database and replayed first), reproduction blobs printed. All three
+    set ``deadline=None`` and suppress the ``too_slow`` health check.
+    """
+    # Each profile starts from hypothesis's defaults, not from whatever profile is loaded when
+    # this runs (load_profile registers again): else dev, registered while ci is active,
+    # would inherit ci's derandomize.
+    common = dict(parent=settings.get_profile("default"), deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+    n = PROFILE_EXAMPLES
+    settings.register_profile("dev", max_examples=n["dev"], **common)
+    settings.register_profile("ci", max_examples=n["ci"], derandomize=True, print_blob=True,
+                              **common)
+    settings.register_profile("long", max_examples=n["long"], derandomize=False,
+                              print_blob=True, **common)
+
+
+def examples(fraction: float) -> int:
+    """``fraction`` of the active profile's ``max_examples``, rounded up, at least 1.
+
+    For a property too expensive to run the profile's full count:
+    ``@settings(max_examples=examples(0.1))`` runs ``⌈0.1 · max_examples⌉`` examples — 20
+    under ``ci``, 3 under ``dev``, 100 under ``long`` — so the count stays a stated function
+    of the profile instead of a constant. "Active" is ``hypothesis.settings.default`` when
+    this is called: a ``settings`` decorator runs at import, so load the profile first (as
+    ``tests/conftest.py`` does, before the test modules are imported); with no profile
+    loaded it is hypothesis's own default, 100.
+    """
+    if not fraction > 0:
+        raise ValueError(f"examples(fraction) needs fraction > 0, got {fraction!r}")
+    # round() first so that e.g. 0.15 · 200 = 30.000000000000004 rounds up to 30, not 31
+    return max(1, math.ceil(round(fraction * settings.default.max_examples, 6)))
 
 
 def load_profile(name: str | None = None) -> str:
@@ -359,11 +401,18 @@ def load_profile(name: str | None = None) -> str:
     """
     register_profiles()
     if name is None:
-        name = os.environ.get("CURVLIB_HYPOTHESIS_PROFILE") or (
-            "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
-        )
+        name = selected_profile()
     settings.load_profile(name)
     return name
+
+
+def selected_profile() -> str:
+    """The profile :func:`load_profile` loads without a name, from the environment:
+    ``CURVLIB_HYPOTHESIS_PROFILE`` if set, else ``ci`` when ``CI`` is ``1``, ``true`` or
+    ``yes``, else ``dev``."""
+    return os.environ.get("CURVLIB_HYPOTHESIS_PROFILE") or (
+        "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
+    )
 
 
 # -- single-layer cases for the layer-plugin contract (curvlib.testing.contract) ------------
