@@ -26,6 +26,17 @@ name               torch loss it matches              ``Λ(f)`` per sample
 With torch's default ``reduction="mean"`` those losses average over *all* elements; ours average
 over samples only, so ``mean(ℓ_n) = torch_loss(reduction="sum") / N`` (times ½ for the
 Gaussian). See ``docs/conventions.md``.
+
+Targets are checked by :meth:`~Likelihood.loss` (and so :meth:`~Likelihood.mean_loss`):
+categorical class indices must lie in ``[0, C)`` and Bernoulli targets in ``[0, 1]`` (finite);
+others raise :class:`~curvlib.errors.InputError` naming the likelihood, the range and the fix.
+On the CPU torch's own bounds check of ``cross_entropy`` is used (no extra pass); on other
+devices the indices are checked before torch sees them (one host synchronisation: an index
+out of range would end in a device-side assert there), as are Bernoulli targets everywhere.
+Targets drawn by :meth:`~Likelihood.sample`, and targets already checked against as many
+classes and not changed in place since, are not checked again; neither are targets batched
+by a :mod:`torch.func` transform (no data-dependent control flow there; on the CPU torch's
+check still refuses an out-of-range class index).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from curvlib.errors import InputError
 from curvlib.registry import get, register
 
 __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "as_likelihood"]
@@ -45,6 +57,65 @@ __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "as_likelihood"
 
 #: An ``ignore_index`` no class index can equal (``cross_entropy`` ignores -100 by default).
 _NO_INDEX = -(2**62)
+
+
+#: Attribute a tensor of targets carries once known valid: ``(likelihood, _version, bound)``.
+_VALID = "_curvlib_valid_targets"
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def _transformed(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is wrapped by a :mod:`torch.func` transform (vmap, grad)."""
+    return _is_wrapped is not None and bool(_is_wrapped(tensor))
+
+
+def _mark_valid(targets: Tensor, likelihood: str, bound: int | None = None) -> Tensor:
+    """Note on ``targets`` that they are valid for ``likelihood`` (categorical: for any
+    number of classes ``≥ bound``) while not changed in place; returns ``targets``."""
+    try:
+        setattr(targets, _VALID, (likelihood, targets._version, bound))
+    except (AttributeError, RuntimeError):  # a tensor that takes no attributes or versions
+        pass
+    return targets
+
+
+def _known_valid(targets: Tensor, likelihood: str, bound: int | None = None) -> bool:
+    mark = getattr(targets, _VALID, None)
+    if mark is None or mark[0] != likelihood:
+        return False
+    try:
+        version = targets._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return False
+    return mark[1] == version and (bound is None or mark[2] <= bound)
+
+
+def _checks_explicitly(targets: Tensor) -> bool:
+    """Whether categorical indices are checked before ``cross_entropy``: not on the CPU, whose
+    kernel refuses an index out of range (an ``IndexError`` caught and explained), but on
+    devices whose kernels report one by a device-side assert."""
+    return targets.device.type != "cpu"
+
+
+def _class_index_error(targets: Tensor, classes: int) -> InputError:
+    """The error for class indices outside ``[0, classes)``, with the values found."""
+    found = ""
+    if not _transformed(targets):
+        bad = int(((targets < 0) | (targets >= classes)).sum())
+        if bad:
+            found = (f"; got {_span(int(targets.min()), int(targets.max()))}, {bad} "
+                     f"outside the range")
+    return InputError(
+        f"categorical: targets must be class indices in [0, {classes}) — the outputs have "
+        f"{classes} classes in dimension 1{found}. Relabel the targets to 0…{classes - 1} "
+        f"(e.g. torch.unique(targets, return_inverse=True)[1]) or give the model as many "
+        f"outputs as there are classes; curvlib's categorical ignores no index (torch's "
+        f"CrossEntropyLoss skips -100 by default): drop such entries from the batch"
+    )
+
+
+def _span(low: float, high: float) -> str:
+    return f"the value {low:g}" if low == high else f"values from {low:g} to {high:g}"
 
 
 def _sum_per_sample(values: Tensor) -> Tensor:
@@ -56,7 +127,7 @@ def _check_batched(outputs: Tensor, min_dim: int, what: str) -> None:
     if not isinstance(outputs, Tensor):
         raise TypeError(f"{what}: outputs must be a torch.Tensor, got {type(outputs).__name__}")
     if outputs.dim() < min_dim:
-        raise ValueError(
+        raise InputError(
             f"{what}: outputs must have a batch dimension first and at least {min_dim} "
             f"dimensions, got shape {tuple(outputs.shape)}; for a single sample use "
             f"outputs.unsqueeze(0)"
@@ -122,24 +193,44 @@ class Categorical(Likelihood):
     def _check(outputs: Tensor) -> None:
         _check_batched(outputs, 2, "categorical")
         if outputs.shape[1] < 2:
-            raise ValueError(
+            raise InputError(
                 f"categorical: outputs need at least 2 classes in dimension 1, got shape "
                 f"{tuple(outputs.shape)}; for one logit per sample use 'bernoulli'"
             )
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample cross-entropy summed over positions; targets are class indices in
+        ``[0, C)`` (others raise :class:`~curvlib.errors.InputError`, module docstring)."""
         self._check(outputs)
         expected = (outputs.shape[0], *outputs.shape[2:])
-        if targets.is_floating_point() or tuple(targets.shape) != expected:
-            raise ValueError(
+        if (not isinstance(targets, Tensor) or targets.is_floating_point()
+                or targets.is_complex() or tuple(targets.shape) != expected):
+            got = (f"{targets.dtype} of shape {tuple(targets.shape)}"
+                   if isinstance(targets, Tensor) else type(targets).__name__)
+            raise InputError(
                 f"categorical: targets must be integer class indices of shape {expected} for "
-                f"outputs of shape {tuple(outputs.shape)}, got {targets.dtype} of shape "
-                f"{tuple(targets.shape)}"
+                f"outputs of shape {tuple(outputs.shape)}, got {got}"
             )
+        classes = outputs.shape[1]
+        indices = targets.long()
+        if (_checks_explicitly(indices) and not _transformed(indices)
+                and not _known_valid(targets, "categorical", classes)):
+            if bool(((indices < 0) | (indices >= classes)).any()):  # one host sync
+                raise _class_index_error(indices, classes)
+            _mark_valid(targets, "categorical", classes)
         # one fused op (log-softmax and pick); no class index is ignored: an index out of
-        # range, negative ones included, raises as in gather
-        per_entry = F.cross_entropy(outputs, targets.long(), reduction="none",
-                                    ignore_index=_NO_INDEX)
+        # range, negative ones included, raises (on the CPU; only an index equal to
+        # _NO_INDEX would pass there, ignored)
+        try:
+            per_entry = F.cross_entropy(outputs, indices, reduction="none",
+                                        ignore_index=_NO_INDEX)
+        except (IndexError, RuntimeError) as error:
+            if _transformed(indices):
+                if "out of bounds" not in str(error):
+                    raise
+            elif not bool(((indices < 0) | (indices >= classes)).any()):
+                raise
+            raise _class_index_error(indices, classes) from error
         return per_entry if per_entry.dim() == 1 else _sum_per_sample(per_entry)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -147,7 +238,7 @@ class Categorical(Likelihood):
         probs = outputs.detach().softmax(1).movedim(1, -1)
         flat = probs.reshape(-1, probs.shape[-1])
         draws = torch.multinomial(flat, 1, generator=generator)
-        return draws.reshape(probs.shape[:-1])
+        return _mark_valid(draws.reshape(probs.shape[:-1]), "categorical", outputs.shape[1])
 
     def _probs(self, outputs: Tensor) -> Tensor:
         """Probabilities as ``(N, C, S)`` with ``S`` the number of positions."""
@@ -186,8 +277,19 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample binary cross-entropy with logits summed over outputs; targets in
+        ``[0, 1]`` (others raise :class:`~curvlib.errors.InputError`, module docstring)."""
         _check_batched(outputs, 1, "bernoulli")
         _check_same_shape(outputs, targets, "bernoulli")
+        if targets.is_complex():
+            raise InputError(f"bernoulli: targets must be real numbers in [0, 1], got "
+                             f"{targets.dtype}")
+        if (targets.dtype != torch.bool and not _transformed(targets)
+                and not _known_valid(targets, "bernoulli")):
+            inside = (targets >= 0) & (targets <= 1)  # False for NaN too
+            if not bool(inside.all()):  # one host sync off the CPU
+                raise _probability_error(targets, inside)
+            _mark_valid(targets, "bernoulli")
         elementwise = F.binary_cross_entropy_with_logits(
             outputs, targets.to(outputs.dtype), reduction="none"
         )
@@ -198,7 +300,7 @@ class Bernoulli(Likelihood):
         p = outputs.detach().sigmoid()
         # u < p with u ~ U[0, 1) is Bernoulli(p); about 3× faster than torch.bernoulli on CPU
         u = torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-        return (u < p).to(p.dtype)
+        return _mark_valid((u < p).to(p.dtype), "bernoulli")
 
     def _variance(self, outputs: Tensor) -> Tensor:
         _check_batched(outputs, 1, "bernoulli")
@@ -247,10 +349,27 @@ class Gaussian(Likelihood):
         return self._identity(outputs)
 
 
+def _probability_error(targets: Tensor, inside: Tensor) -> InputError:
+    """The error for Bernoulli targets outside ``[0, 1]`` (``inside`` marks the good ones)."""
+    bad = targets[~inside]
+    finite = bad[torch.isfinite(bad)] if bad.is_floating_point() else bad
+    parts = []
+    if finite.numel():
+        parts.append(_span(finite.min().item(), finite.max().item()))
+    if finite.numel() < bad.numel():
+        parts.append(f"{bad.numel() - finite.numel()} NaN or infinite")
+    return InputError(
+        f"bernoulli: targets must be probabilities in [0, 1] (0/1 labels or soft targets), "
+        f"got {bad.numel()} outside it ({', '.join(parts)}). For labels of two classes use "
+        f"0 and 1 (e.g. (labels == positive).float()); for logits or scores as targets apply "
+        f"torch.sigmoid first; for real-valued targets use 'gaussian'"
+    )
+
+
 def _check_same_shape(outputs: Tensor, targets: Tensor, what: str) -> None:
     if not isinstance(targets, Tensor) or targets.shape != outputs.shape:
         shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-        raise ValueError(
+        raise InputError(
             f"{what}: targets must have the outputs' shape {tuple(outputs.shape)}, got {shape}"
         )
 

@@ -175,3 +175,143 @@ def test_as_likelihood_accepts_names_classes_and_objects():
     assert curvlib.as_likelihood(obj) is obj
     assert isinstance(curvlib.as_likelihood(curvlib.Gaussian), curvlib.Gaussian)
     assert isinstance(curvlib.as_likelihood("categorical"), curvlib.Categorical)
+
+
+# -- targets out of range ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["torch", "explicit"])
+def index_check(request, monkeypatch):
+    """Both ways categorical indices are checked: torch's CPU bounds check (caught and
+    explained), and the explicit check used off the CPU (forced here on the CPU)."""
+    if request.param == "explicit":
+        monkeypatch.setattr(curvlib.likelihoods, "_checks_explicitly", lambda t: True)
+    return request.param
+
+
+@pytest.mark.parametrize(("shape", "bad"), [
+    ((4, 3), 3), ((4, 3), 5), ((4, 3), -1), ((4, 3), -100), ((2, 3, 2, 2), 7),
+    ((2, 3, 5), -2)])
+def test_categorical_targets_out_of_range_are_input_errors(index_check, shape, bad):
+    f = outputs_for("categorical", shape, 0)
+    y = torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
+    y.view(-1)[1] = bad
+    lik = curvlib.Categorical()
+    for call in (lik.loss, lik.mean_loss):
+        with pytest.raises(curvlib.errors.InputError,
+                           match=r"categorical: targets must be class indices in \[0, 3\)"
+                                 r".*outside the range\. Relabel") as caught:
+            call(f, y)
+        assert isinstance(caught.value, ValueError)
+        if index_check == "torch":
+            assert isinstance(caught.value.__cause__, IndexError)  # torch's, explained
+        else:
+            assert caught.value.__cause__ is None  # refused before cross_entropy ran
+    if bad == -100:
+        assert "skips -100" in str(caught.value)
+    y.view(-1)[1] = 2
+    lik.loss(f, y)  # in range again
+
+
+def test_the_explicit_check_also_refuses_the_index_nothing_else_ignores(monkeypatch):
+    monkeypatch.setattr(curvlib.likelihoods, "_checks_explicitly", lambda t: True)
+    y = torch.tensor([0, curvlib.likelihoods._NO_INDEX, 1])
+    with pytest.raises(curvlib.errors.InputError, match=r"\[0, 2\)"):
+        curvlib.Categorical().loss(torch.randn(3, 2), y)
+
+
+def test_categorical_targets_out_of_range_under_vmap_are_input_errors():
+    """The oracles differentiate the loss per sample under torch.func.vmap (no explicit
+    check there); torch's CPU bounds check still refuses, and is explained."""
+    from curvlib.testing import oracles
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3).to(F64)
+    x = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(curvlib.errors.InputError, match=r"categorical.*\[0, 3\)"):
+        oracles.per_sample_grads(model, "categorical", x, torch.tensor([0, 1, 3, 2]))
+
+
+class _Syncs:
+    """Counts ``bool(tensor)`` calls: the host synchronisations of the checks."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = torch.Tensor.__bool__
+
+        def counted(tensor):
+            self.count += 1
+            return original(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+
+
+def test_the_explicit_check_syncs_once_and_skips_sampled_and_checked_targets(monkeypatch):
+    monkeypatch.setattr(curvlib.likelihoods, "_checks_explicitly", lambda t: True)
+    lik = curvlib.Categorical()
+    f = outputs_for("categorical", (5, 4, 3), 1)
+    sampled = lik.sample(f, torch.Generator().manual_seed(0))
+    data = sampled.clone()
+    syncs = _Syncs(monkeypatch)
+    lik.loss(f, sampled)
+    assert syncs.count == 0  # in range by construction
+    lik.loss(f, data)
+    assert syncs.count == 1  # one check
+    lik.mean_loss(f, data)
+    lik.loss(outputs_for("categorical", (5, 6, 3), 1), data)  # more classes: still valid
+    assert syncs.count == 1  # checked already, not changed since
+    with pytest.raises(curvlib.errors.InputError, match=r"\[0, 2\)"):
+        lik.loss(f[:, :2], data)  # fewer classes: checked again
+    data[0, 0] = 4  # changed in place: checked again
+    with pytest.raises(curvlib.errors.InputError, match=r"\[0, 4\)"):
+        lik.loss(f, data)
+    sampled[1, 1] = -1
+    with pytest.raises(curvlib.errors.InputError, match=r"\[0, 4\)"):
+        lik.loss(f, sampled)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan"), float("inf"), -float("inf"), 2])
+def test_bernoulli_targets_outside_0_1_are_input_errors(bad):
+    f = torch.randn(3, 2, dtype=F64)
+    y = (torch.full((3, 2), 0.5, dtype=F64) if isinstance(bad, float)
+         else torch.ones(3, 2, dtype=torch.long))
+    y[1, 0] = bad
+    lik = curvlib.Bernoulli()
+    for call in (lik.loss, lik.mean_loss):
+        with pytest.raises(curvlib.errors.InputError,
+                           match=r"bernoulli: targets must be probabilities in \[0, 1\]"):
+            call(f, y)
+    if bad != bad or abs(bad) == float("inf"):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            lik.loss(f, y)
+
+
+def test_bernoulli_accepts_soft_integer_and_boolean_targets_and_skips_sampled(monkeypatch):
+    lik = curvlib.Bernoulli()
+    f = torch.randn(4, 3, dtype=F64)
+    soft = torch.tensor([0.0, 1.0, 0.3], dtype=F64).expand(4, 3)
+    hard = (soft > 0.5).long()
+    expected = lik.loss(f, hard.to(F64))
+    assert torch.equal(lik.loss(f, hard), expected)
+    assert torch.equal(lik.loss(f, hard.bool()), expected)
+    lik.loss(f, soft)
+    sampled = lik.sample(f, torch.Generator().manual_seed(2))
+    syncs = _Syncs(monkeypatch)
+    lik.loss(f, sampled)
+    assert syncs.count == 0
+    sampled[0, 0] = 3.0
+    with pytest.raises(curvlib.errors.InputError, match="bernoulli"):
+        lik.loss(f, sampled)
+
+
+@pytest.mark.parametrize("recipe", ["FNGD", "TNT"])
+def test_the_optimizers_refuse_targets_out_of_range(recipe):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 3)).to(F64)
+    options = {"alpha": 0.5, "steps_per_epoch": 1} if recipe == "FNGD" else {"damping": 0.1}
+    opt = getattr(curvlib, recipe)(model, "categorical", lr=0.1, **options)
+    x = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(curvlib.errors.InputError, match=r"categorical.*\[0, 3\)"):
+        opt.backward(model(x), torch.tensor([0, 1, 3, 2]))
+    assert all(p.grad is None for p in model.parameters())

@@ -5,19 +5,25 @@ reuse them across epochs (FNGD, Section IV-B).
 block's per-sample Gram. FNGD's observation is that these coefficients change little from
 one epoch to the next, so they are computed during a refresh period (by default the first
 epoch), stored per block and per **key**, and reused. A shared step then costs one forward,
-one backward pass to the layer outputs and the layers' weighted weight gradients ``(c⊙Z)ᵀX``
-— the cost of an SGD step.
+one backward pass to the layer outputs and, after it, the layers' weighted weight gradients
+``(c⊙Z)ᵀX`` from the recorded ``X`` and ``Z`` — the cost of an SGD step.
 
 Keys (``key=``):
 
 * ``"position"`` (default, as the paper): the batch's position in the epoch,
   ``t mod steps_per_epoch`` (``steps_per_epoch`` given at construction), or an explicit
   ``opt.backward(outputs, targets, key=k)``. With reshuffling, position ``k`` holds
-  different samples every epoch; the paper reports that this still works.
+  different samples every epoch; the paper reports that this still works. With gradient
+  accumulation, micro-batch ``j > 0`` of the step at position ``k`` has the key
+  ``"k/j"`` (its own coefficients); an explicit key may not repeat within a step.
 * ``"sample"``: one coefficient per sample id, ``opt.backward(outputs, targets,
-  sample_ids=ids)`` (ids are integers ``≥ 0``, e.g. dataset indices). A coefficient computed
-  in a batch of ``M_m`` samples is used as ``c_m · M_m/N`` in a batch of ``N``, so the total
-  weight of a batch stays that of the batches the coefficients came from.
+  sample_ids=ids)``: ``ids`` is a 1-D integer tensor (any integer dtype but ``uint64``; any
+  ``int64`` value, negative ones included, e.g. dataset indices or hashes), one distinct id
+  per sample — a batch that repeats an id, or float ids, are refused with
+  :class:`~curvlib.errors.InputError`. A coefficient computed in a batch of ``M_m`` samples
+  is used as ``c_m · M_m/N`` in a batch of ``N``, so the total weight of a batch stays that
+  of the batches the coefficients came from. The table grows with the number of distinct
+  ids seen, not with their values (layout in :meth:`CoefficientSharing.commit`).
 
 Refresh (``refresh_every=``): ``None`` (default) computes each key's coefficients on its first
 use only; ``K`` recomputes them on every ``K``-th use of the key (every ``K`` epochs with
@@ -42,6 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from curvlib.errors import InputError
 from curvlib.registry import register
 from curvlib.structures.base import BatchContext, Plan, Structure, as_structure
 
@@ -149,25 +156,38 @@ class CoefficientSharing(Structure):
                 "curvlib.FNGD(..., steps_per_epoch=len(loader))), or key=... to "
                 "opt.backward, or use key='sample' with sample_ids"
             )
-        return context.step % self.steps_per_epoch
+        position = context.step % self.steps_per_epoch
+        # micro-batch k > 0 of an accumulated step has its own coefficients
+        return position if context.micro == 0 else f"{position}/{context.micro}"
 
-    def _ids(self, context: BatchContext) -> Tensor:
+    def _ids(self, context: BatchContext, device: torch.device) -> Tensor:
+        """The batch's sample ids as ``(N,)`` int64 on ``device`` (checked: no host sync)."""
         ids = context.sample_ids
         if ids is None:
-            raise ValueError(
+            raise InputError(
                 "coefficient_sharing(key='sample') needs the batch's sample ids: "
-                "opt.backward(outputs, targets, sample_ids=ids) with ids (N,) integers ≥ 0"
+                "opt.backward(outputs, targets, sample_ids=ids) with ids a (N,) integer "
+                "tensor, one distinct id per sample (e.g. the samples' dataset indices)"
             )
-        ids = torch.as_tensor(ids)
-        if (ids.dim() != 1 or ids.shape[0] != context.batch_size or ids.is_floating_point()
-                or bool((ids < 0).any())):
-            raise ValueError(
-                f"sample_ids must be ({context.batch_size},) integers ≥ 0, got "
-                f"{ids.dtype} of shape {tuple(ids.shape)}"
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise InputError(
+                f"sample_ids must be a (N,) integer tensor of int64 values (dataset "
+                f"indices), got {type(ids).__name__} that torch cannot convert: {error}"
+            ) from error
+        if ids.dtype not in _ID_DTYPES:
+            raise InputError(
+                f"sample_ids must be integers (int64, int32, int16, int8, uint8, ...; ids "
+                f"are keys, compared exactly), got {ids.dtype}; pass the samples' dataset "
+                f"indices, e.g. as torch.long"
             )
-        if ids.unique().numel() != ids.numel():
-            raise ValueError("sample_ids must be distinct within a batch")
-        return ids.long().cpu()
+        if ids.dim() != 1 or ids.shape[0] != context.batch_size:
+            raise InputError(
+                f"sample_ids must have shape ({context.batch_size},), one id per sample of "
+                f"the batch, got shape {tuple(ids.shape)}"
+            )
+        return ids.to(device=device, dtype=torch.long)
 
     def _due(self, uses: int) -> bool:
         return self.refresh_every is not None and uses % self.refresh_every == 0
@@ -200,20 +220,7 @@ class CoefficientSharing(Structure):
                     stored = {b: c.sum().expand(n) / n for b, c in stored.items()}
                 notes["coefficients"] = stored
         else:
-            ids = self._ids(context)
-            table = context.store.setdefault("samples", {})
-            size = table.get("size")
-            known = size is not None and bool((ids < size.shape[0]).all()) and bool(
-                (size[ids.clamp_max(size.shape[0] - 1)] > 0).all())
-            refresh = not known
-            if known:
-                refresh = any(self._due(int(u)) for u in table["uses"][ids].tolist())
-            if not refresh:
-                scale = table["size"][ids].double() / n
-                notes["coefficients"] = {
-                    b: c[ids.to(c.device)] * scale.to(c.device)
-                    for b, c in table["coefficients"].items()}
-            notes["ids"] = ids
+            refresh = self._plan_samples(context, n)
         notes["refresh"] = refresh
         if refresh:
             return Plan(curvature=True)
@@ -222,10 +229,55 @@ class CoefficientSharing(Structure):
         if set(stored) == {"model"} and getattr(self.inner, "blocks", None) == "model":
             return Plan(curvature=False, loss_weights=stored["model"])
         blocks = self.inner.partition(context)
-        if set(blocks) == set(stored):  # each layer's Σ c g formed as its Z arrives
+        if set(blocks) == set(stored):  # each layer's Σ c g from its X and Z after the pass
             return Plan(curvature=False, coefficients=self._per_parameter(
                 context, notes.get("key"), stored, blocks))
         return Plan(curvature=False)
+
+    def _plan_samples(self, context: BatchContext, n: int) -> bool:
+        """Sample keys: look the batch's ids up; whether this is a refresh step.
+
+        One host synchronisation: the counts below are read together. A refused batch leaves
+        the stored coefficients as they were.
+        """
+        notes = context.notes
+        table = context.store.get("samples")
+        if table and "ids" not in table:  # saved in the earlier layout, indexed by the id
+            table = _from_dense(table)
+            context.store["samples"] = table
+        known = table.get("ids") if table else None
+        device = (known.device if known is not None
+                  else next(iter(context.params.values())).device)
+        ids = self._ids(context, device)
+        ordered = ids.sort().values
+        flags = [(ordered[1:] == ordered[:-1]).sum()]  # repeated ids
+        found, slots = _lookup(table, ids)
+        if found is None:
+            flags.append(torch.tensor(n, device=device))
+        else:
+            flags.append((~found).sum())  # ids without coefficients
+            if self.refresh_every is not None:
+                flags.append((table["uses"][slots] % self.refresh_every == 0).sum())  # due
+        counts = torch.stack(flags).tolist()
+        if counts[0]:
+            values, repeats = ordered.unique_consecutive(return_counts=True)
+            twice = values[repeats > 1][:5].tolist()
+            raise InputError(
+                f"sample_ids must be distinct within a batch (one stored coefficient per "
+                f"sample), but {counts[0]} id(s) repeat, e.g. {twice}; pass each sample "
+                f"once per batch, with ids that identify samples (e.g. dataset indices)"
+            )
+        unknown = int(counts[1])
+        refresh = unknown > 0 or (len(counts) > 2 and counts[2] > 0)
+        if not refresh:
+            scale = table["size"][slots].double() / n
+            notes["coefficients"] = {
+                b: c[slots.to(c.device)] * scale.to(c.device)
+                for b, c in table["coefficients"].items()}
+        notes["ids"] = ids
+        notes["lookup"] = (known, found, slots, unknown)
+        context.store.setdefault("samples", {} if table is None else table)
+        return refresh
 
     def _per_parameter(self, context: BatchContext, key: Any, stored: dict[str, Tensor],
                        blocks: dict[str, list[str]]) -> dict[str, Tensor]:
@@ -272,7 +324,25 @@ class CoefficientSharing(Structure):
         return self.inner.apply(context, data, coefficients)
 
     def commit(self, context: BatchContext) -> None:
-        """Store fresh coefficients (not when a block was skipped) and count the use."""
+        """Store fresh coefficients (not when a block was skipped) and count the use.
+
+        Sample keys keep ``structure_state["samples"]``, with ``K`` distinct ids stored:
+
+        * ``"ids"``: ``(K,)`` int64, the ids, sorted (looked up by ``torch.searchsorted``);
+        * ``"slots"``: ``(K,)`` int64, the slot of each id in the arrays below;
+        * ``"size"``, ``"uses"``: ``(capacity,)`` int64, per slot the size of the batch the
+          coefficient came from and how often it has been used;
+        * ``"coefficients"``: ``{block: (capacity,)}``, per slot the coefficient.
+
+        New ids take the next free slots (``K, K+1, …``, in id order), so the arrays grow with
+        the number of distinct ids, by doubling (amortised ``O(1)`` per id), whatever the ids'
+        values; inserting ``u`` new ids merges them into ``"ids"`` and ``"slots"`` in
+        ``O(K + u log K)``, and a lookup costs ``O(N log K)``. Everything stays on the device
+        of ``"ids"`` (the parameters'). No host synchronisation here (the number of new ids
+        was read with the plan's), unless an earlier micro-batch of the step stored ids
+        since: then one. Micro-batches of one step may share ids; they commit in order, so
+        the last one's coefficient is kept.
+        """
         notes = context.notes
         n = context.batch_size
         new = notes.get("new")
@@ -285,29 +355,96 @@ class CoefficientSharing(Structure):
             elif key in entries:
                 entries[key]["uses"] = int(entries[key]["uses"]) + 1
             return
+        self._commit_samples(context.store["samples"], notes, n, new if store_new else None)
+
+    @staticmethod
+    def _commit_samples(table: dict[str, Any], notes: dict[str, Any], n: int,
+                        new: dict[str, Tensor] | None) -> None:
+        """Sample keys: store ``new`` coefficients for the batch's ids, or count a use of
+        each (layout in :meth:`commit`)."""
         ids = notes["ids"]
-        table = context.store["samples"]
-        if store_new:
-            capacity = int(ids.max()) + 1
-            old = table.get("size")
-            if old is None or old.shape[0] < capacity:
-                grow = max(capacity, 0 if old is None else 2 * old.shape[0])
-                table["size"] = _grown(old, grow, torch.long)
-                table["uses"] = _grown(table.get("uses"), grow, torch.long)
+        looked_in, found, slots, unknown = notes["lookup"]
+        if table.get("ids") is not looked_in:
+            # an earlier micro-batch of this step stored ids since this one's plan (slots
+            # never move, but its ids may now be known): look up again, one host sync
+            found, slots = _lookup(table, ids)
+            unknown = ids.numel() if found is None else int((~found).sum())
+        if new is None:
+            if slots is not None:  # count a use of every id that has a coefficient
+                table["uses"].index_add_(0, slots, found.long() if unknown else
+                                         torch.ones_like(slots))
+            return
+        if unknown:
+            fresh = ids if found is None else ids[
+                torch.argsort(found.to(torch.int8), stable=True)[:unknown]]
+            fresh = fresh.sort().values
+            known = table.get("ids")
+            if known is None:
+                known = ids.new_empty(0)
+                table["slots"] = ids.new_empty(0)
+            k = known.numel()
+            total = k + unknown
+            merged = ids.new_empty(total)
+            merged_slots = ids.new_empty(total)
+            # merge: new id j lands after the ins[j] old ids below it and the j new ones;
+            # old id i after the new ids whose ins ≤ i (ids are distinct: no ties)
+            ins = torch.searchsorted(known, fresh)
+            at_new = ins + torch.arange(unknown, device=ids.device)
+            at_old = torch.arange(k, device=ids.device) + torch.bincount(
+                ins, minlength=k + 1)[:k].cumsum(0)
+            merged[at_old] = known
+            merged[at_new] = fresh
+            merged_slots[at_old] = table["slots"]
+            merged_slots[at_new] = torch.arange(k, total, device=ids.device)
+            table["ids"], table["slots"] = merged, merged_slots
+            capacity = 0 if "size" not in table else table["size"].shape[0]
+            if capacity < total:
+                grow = max(total, 2 * capacity)
+                table["size"] = _grown(table.get("size"), grow, torch.long, ids.device)
+                table["uses"] = _grown(table.get("uses"), grow, torch.long, ids.device)
                 coeffs = table.setdefault("coefficients", {})
                 for b, c in new.items():
                     coeffs[b] = _grown(coeffs.get(b), grow, c.dtype, c.device)
-            for b, c in new.items():
-                table["coefficients"][b][ids.to(c.device)] = c
-            table["size"][ids] = n
-            table["uses"][ids] = 1
-        elif "uses" in table:
-            table["uses"][ids] += 1
+            slots = merged_slots[torch.searchsorted(merged, ids)]
+        for b, c in new.items():
+            table["coefficients"][b][slots.to(c.device)] = c
+        table["size"][slots] = n
+        table["uses"][slots] = 1
 
     def __repr__(self) -> str:
         return (f"CoefficientSharing(inner={self.inner!r}, steps_per_epoch="
                 f"{self.steps_per_epoch}, key={self.key!r}, refresh_every={self.refresh_every}, "
                 f"size_mismatch={self.size_mismatch!r})")
+
+
+#: The dtypes sample ids may have: integers that int64 holds exactly.
+_ID_DTYPES = frozenset(
+    [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+    + [getattr(torch, name) for name in ("uint16", "uint32") if hasattr(torch, name)])
+
+
+def _lookup(table: dict[str, Any] | None, ids: Tensor
+            ) -> tuple[Tensor | None, Tensor | None]:
+    """Whether each id has a coefficient in ``table``, and its slot (meaningful where it
+    has); ``(None, None)`` for a table without ids."""
+    known = table.get("ids") if table else None
+    if known is None or known.numel() == 0:
+        return None, None
+    pos = torch.searchsorted(known, ids).clamp_max_(known.numel() - 1)
+    return known[pos] == ids, table["slots"][pos]
+
+
+def _from_dense(table: dict[str, Any]) -> dict[str, Any]:
+    """A sample table of the earlier layout (arrays indexed by the id itself, a ``size`` of
+    0 meaning no coefficient) in the current one, on the coefficients' device."""
+    size, coefficients = table.get("size"), table.get("coefficients", {})
+    if size is None:
+        return {}
+    device = next(iter(coefficients.values())).device if coefficients else size.device
+    ids = (size > 0).nonzero().squeeze(1).to(device)
+    return {"ids": ids, "slots": torch.arange(ids.numel(), device=device),
+            "size": size.to(device)[ids], "uses": table["uses"].to(device)[ids],
+            "coefficients": {b: c[ids.to(c.device)] for b, c in coefficients.items()}}
 
 
 def _grown(old: Tensor | None, length: int, dtype: torch.dtype,
