@@ -13,13 +13,18 @@ Public entry points:
   a solver (:mod:`curvlib.optim`, :mod:`curvlib.structures`,
   :mod:`curvlib.solvers`);
 * :class:`Capture` — record layer inputs and output gradients (:mod:`curvlib.capture`);
+* :class:`Coverage` and :func:`format_coverage` — which parameter gets which treatment
+  (``opt.coverage()``, :mod:`curvlib.coverage`);
+* :mod:`curvlib.errors` — :class:`CurvlibError`, the base of every refusal, and its kinds;
 * :mod:`curvlib.diagnostics` — cosine similarity to the block-Fisher direction and block
   errors of any assembled optimizer;
 * :mod:`curvlib.testing` — dense float64 oracles, hypothesis strategies and assertions.
 """
 
-from curvlib import damping, diagnostics, layers, solvers, structures
+from curvlib import damping, diagnostics, errors, layers, solvers, structures
 from curvlib.capture import Capture
+from curvlib.coverage import Coverage, format_coverage
+from curvlib.errors import CurvlibError
 from curvlib.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, as_likelihood
 from curvlib.optim import CurvatureOptimizer, assemble
 from curvlib.recipes import FNGD, KFAC, TNT, EmpiricalTNT, NaturalGradient, Shampoo
@@ -36,7 +41,9 @@ __all__ = [
     "Bernoulli",
     "Capture",
     "Categorical",
+    "Coverage",
     "CurvatureOptimizer",
+    "CurvlibError",
     "EmpiricalTNT",
     "Gaussian",
     "Likelihood",
@@ -49,6 +56,8 @@ __all__ = [
     "available",
     "damping",
     "diagnostics",
+    "errors",
+    "format_coverage",
     "get",
     "gram",
     "layers",

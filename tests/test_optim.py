@@ -36,7 +36,7 @@ from curvlib.testing.assertions import assert_close
 from curvlib.testing.reference.tensor_normal import kron_apply, mode_statistic, normalised
 from curvlib.testing.reference.tensor_normal import tnt_dims as _tnt_dims
 from curvlib.testing.reference.tensor_normal import unfold as _unfold
-from curvlib.testing.strategies import ModelSpec, make_targets, problems, seeds
+from curvlib.testing.strategies import ModelSpec, examples, make_targets, problems, seeds
 
 F64 = torch.float64
 
@@ -131,7 +131,8 @@ def _train(opt, model, batches):
        lr=st.sampled_from([0.05, 0.3]), damping=st.sampled_from([0.2, 1.0, 5.0]),
        momentum=st.sampled_from([0.0, 0.9]), weight_decay=st.sampled_from([0.0, 0.1]),
        draws=st.sampled_from([1, 1, 2]))
-@settings(max_examples=100)  # up to 3 optimizer steps and 9 torch.func oracle gradients each
+# up to 3 optimizer steps and 9 torch.func oracle gradients each
+@settings(max_examples=examples(0.5))
 def test_tnt_steps_equal_the_paper_by_hand(problem, seed, steps, lr, damping, momentum,
                                           weight_decay, draws):
     model = problem.model
@@ -267,18 +268,41 @@ def test_statistics_and_inverses_follow_the_schedule(t1, t2, source):
     assert opt.step_count == steps
 
 
-def test_a_step_without_opt_backward_updates_no_statistics():
-    """A plain ``loss.backward()`` gives no statistics: the step only moves along the current
-    inverses (a refresh on schedule reuses the old statistics)."""
+def test_a_step_after_a_plain_backward_is_refused_and_changes_nothing():
+    """``loss.backward(); opt.step()`` would step without curvature (SGD-m in disguise):
+    refused with a UsageError naming the fix; parameters, state and schedule unchanged."""
     model, x, y = _tiny()
     opt = curvlib.TNT(model, "categorical", lr=0.1, damping=1e-3,
                       generator=torch.Generator())
     calls = _spy(opt)
+    before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
+    with pytest.raises(curvlib.errors.UsageError, match=r"opt\.backward"):
+        opt.step()
     assert calls["update"] == [] and calls["collect"] == []
+    assert opt.step_count == 0 and not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_step_without_any_backward_does_nothing():
+    """As torch's optimizers: no gradient since the last step, no step (the schedule does
+    not advance)."""
+    model, x, y = _tiny()
+    opt = curvlib.TNT(model, "categorical", lr=0.1, damping=1e-3,
+                      generator=torch.Generator())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.step_count == 0
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
     assert opt.step_count == 1
+    moved = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # the same gradients again: nothing new, nothing done
+    assert opt.step_count == 1
+    assert all(torch.equal(a, b) for a, b in zip(moved, model.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, moved, strict=True))
 
 
 # -- state_dict -------------------------------------------------------------------------------
@@ -551,7 +575,7 @@ def test_bad_hyperparameters_are_refused(bad, match):
 def test_a_parameter_outside_the_model_is_refused():
     model, _, _ = _tiny()
     stray = nn.Parameter(torch.zeros(3, dtype=F64))
-    with pytest.raises(ValueError, match="belong to the model"):
+    with pytest.raises(curvlib.CurvlibError, match="not a parameter of the model"):
         curvlib.assemble(model, "categorical", source="true_fisher", structure="tensor_normal",
                          params=[*model.parameters(), stray])
 
@@ -724,7 +748,7 @@ def test_unknown_param_group_keys_are_reported():
 
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
 def test_a_diverged_model_does_not_crash_the_statistics_step(likelihood):
-    """NaN outputs: the sampled statistics are skipped, the step does not raise."""
+    """NaN outputs: the batch is rejected (a warning, a NaN loss) and the step skipped."""
     model = nn.Linear(3, 2).double()
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
@@ -734,9 +758,11 @@ def test_a_diverged_model_does_not_crash_the_statistics_step(likelihood):
          "gaussian": torch.zeros(4, 2, dtype=torch.float64)}[likelihood]
     opt = curvlib.TNT(model, likelihood, lr=0.1, damping=0.1)
     opt.zero_grad()
-    opt.backward(model(x), y)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        loss = opt.backward(model(x), y)
     opt.step()
-    assert opt.state[model.bias]["tnt_updates"] == 0  # the non-finite statistics were skipped
+    assert torch.isnan(loss) and opt.skipped_steps == 1 and opt.step_count == 0
+    assert not opt.state  # no statistics, no momentum
 
 
 def test_covers_receives_the_module_that_owns_the_parameter():

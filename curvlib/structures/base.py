@@ -53,9 +53,10 @@ class Plan:
             that of ``Σ_n c_n ℓ_n``, from one ordinary backward pass, and
             :meth:`Structure.gradient` is not called.
         coefficients: if set, parameter name → ``(N,)`` coefficients ``c`` for every covered
-            parameter: its gradient is ``Σ_n c_n g_n``, formed layer by layer during the
-            backward pass to the layer outputs as each ``Z`` arrives (the cost of an SGD
-            backward), and :meth:`Structure.gradient` is not called.
+            parameter: its gradient is ``Σ_n c_n g_n``, which the optimizer forms after one
+            backward pass to the layer outputs, layer by layer from each layer's recorded
+            ``X`` and ``Z`` (``(c⊙Z)ᵀX`` for Linear; no per-sample gradient: the cost of an
+            SGD backward), and :meth:`Structure.gradient` is not called.
     """
 
     curvature: bool = True
@@ -82,6 +83,9 @@ class BatchContext:
         report: counts the structure fills in for :attr:`CurvatureOptimizer.last_refresh`.
         notes: scratch space from :meth:`Structure.plan` to :meth:`Structure.gradient` and
             :meth:`Structure.commit` within the step.
+        micro: the micro-batch's index within the step (``0`` unless several
+            ``opt.backward`` calls accumulate before one ``step``); :meth:`Structure.commit`
+            runs for every micro-batch at ``step``, in order.
     """
 
     step: int
@@ -96,6 +100,7 @@ class BatchContext:
     store: dict[str, Any]
     report: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    micro: int = 0
 
 
 class Structure:
@@ -113,6 +118,17 @@ class Structure:
     preconditions: ClassVar[str] = "vector"
     #: The damping rule :func:`curvlib.assemble` uses when none is given.
     default_damping: ClassVar[str] = "constant"
+    #: Whether it needs ``damping > 0`` (the optimizer refuses ``0`` at construction).
+    positive_damping: ClassVar[bool] = False
+    #: Whether it has an exact formula for a parameter held by several modules (tied
+    #: weights); ``False`` (e.g. KFAC's per-module factors): the optimizer refuses one.
+    shares_across_modules: ClassVar[bool] = True
+
+    def fallback_reason(self, param: nn.Parameter, owner: nn.Module | None = None) -> str:
+        """Why :meth:`covers` is ``False`` for ``param``, in a few words (shown by
+        :meth:`CurvatureOptimizer.coverage <curvlib.optim.CurvatureOptimizer.coverage>`)."""
+        kind = type(owner).__name__ if owner is not None else "module"
+        return f"{self!r} does not cover this {kind} parameter of shape {tuple(param.shape)}"
 
     def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """Whether this structure preconditions ``param``, owned by module ``owner`` (others
@@ -199,8 +215,9 @@ class Structure:
         raise NotImplementedError(f"{type(self).__name__} is not a batch structure")
 
     def commit(self, context: BatchContext) -> None:
-        """Called once the step's gradient has been written: make changes to
-        ``context.store`` permanent here, so a step that fails midway leaves none."""
+        """Called by ``step()`` for each micro-batch of the step, once every gradient has
+        been written: make changes to ``context.store`` permanent here, so a step that fails
+        midway, or is skipped by the non-finite policy, leaves none."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

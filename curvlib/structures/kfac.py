@@ -149,6 +149,20 @@ class KFAC(Structure):
                                       is not LayerPlugin.kfac_factors)
         return self._has_factors[cls]
 
+    #: one block per module: a weight tied across modules has no KFAC formula
+    shares_across_modules = False
+
+    def fallback_reason(self, param: nn.Parameter, owner: nn.Module | None = None) -> str:
+        """Which rule of :meth:`covers` leaves ``param`` out."""
+        if owner is None:
+            return "no module owns it"
+        local = next((k for k, q in trainable_parameters(owner).items() if q is param), None)
+        if local not in ("weight", "bias"):
+            return (f"KFAC has factors for a layer's weight and bias; this is "
+                    f"{type(owner).__name__}.{local}")
+        return (f"the layer plugin of {type(owner).__name__} has no Kronecker factors "
+                f"(kfac_factors)")
+
     def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """The trainable ``weight`` and ``bias`` of a module whose plugin has Kronecker
         factors; everything else falls back to SGD with momentum."""

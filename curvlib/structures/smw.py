@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from curvlib.errors import HyperparameterError
 from curvlib.layers.base import plugin_for
 from curvlib.layers.generic import GenericPlugin
 from curvlib.registry import register
@@ -88,6 +89,15 @@ class SMW(Structure):
         ``1/‖g‖``, which three steps at a fixed learning rate do not survive)."""
         return [cls(), cls(blocks="tensor", cover="all")]
 
+    #: the push-through solve needs λ > 0
+    positive_damping = True
+
+    def fallback_reason(self, param: nn.Parameter, owner: nn.Module | None = None) -> str:
+        """``cover="registered"`` leaves out modules without a registered layer plugin."""
+        kind = type(owner).__name__ if owner is not None else "module"
+        return (f"cover='registered' and {kind} has no registered layer plugin (use "
+                f"cover='all' for the generic torch.func path)")
+
     def covers(self, param: nn.Parameter, owner: nn.Module | None = None) -> bool:
         """With ``cover="registered"``: parameters of modules a registered plugin handles."""
         if self.cover == "all" or owner is None:
@@ -130,7 +140,15 @@ class SMW(Structure):
     def _dampings(self, context: BatchContext, blocks: dict[str, list[str]],
                   grams: Tensor) -> Tensor:
         """``λ`` per block from the damping rule and each block's group ``damping``."""
-        values = [float(context.damping[names[0]]) for names in blocks.values()]
+        values = []
+        for block, names in blocks.items():
+            found = {float(context.damping[n]) for n in names}
+            if len(found) > 1:
+                raise HyperparameterError(
+                    f"smw block {block!r} spans parameters {names} whose param groups have "
+                    f"different damping values {sorted(found)}; one block has one damping: "
+                    f"put the block's parameters in one group, or use blocks='tensor'")
+            values.append(found.pop())
         if any(v <= 0 for v in values):
             raise ValueError(
                 "smw needs a positive damping (α of λ = α‖UᵀU‖_F with the frobenius rule, "
