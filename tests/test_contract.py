@@ -613,3 +613,75 @@ def test_freezing_a_layer_after_construction_is_seen_at_the_next_backward():
     with pytest.raises(UsageError, match="requires_grad changed"):
         model[0].requires_grad_(True)
         opt.backward(model(x), y)
+
+
+class Upstream(nn.Module):
+    """``sq.weight`` used functionally *before* ``sq`` is called on the result: the use lies
+    upstream of ``sq``'s recorded call, not inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sq, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x, reuse=True):
+        h = torch.tanh(F.linear(x, self.sq.weight)) if reuse else x
+        return self.head(torch.tanh(self.sq(h)))
+
+
+@pytest.mark.parametrize("recipe", ["FNGD", "smw", "KFAC"])
+def test_a_use_upstream_of_the_owner_call_is_refused(recipe):
+    torch.manual_seed(0)
+    model = Upstream().to(F64)
+    x, y = torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,))
+    opt = recipes()[recipe](model)
+    with pytest.raises(CoverageError, match=r"sq\.weight"):
+        opt.backward(model(x), y)
+
+
+def test_the_audit_runs_again_when_the_calls_per_module_change():
+    """A first step without the functional use passes; a later one whose forward calls a
+    module more often and reuses a weight is refused, before it changes anything."""
+    torch.manual_seed(0)
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x, more=False):
+            h = torch.tanh(self.a(x))
+            if more:
+                h = torch.tanh(self.a(h)) + F.linear(h, self.a.weight)
+            return self.b(h)
+
+    model = Branch().to(F64)
+    x, y = torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,))
+    opt = recipes()["FNGD"](model)
+    opt.backward(model(x), y)
+    opt.step()
+    before = snapshot(model)
+    opt.zero_grad()
+    with pytest.raises(CoverageError, match=r"a\.weight"):
+        opt.backward(model(x, more=True), y)
+    assert unchanged(before, model) and opt.step_count == 1
+
+
+def test_batch_gradients_from_per_sample_rows_are_each_draws_mean_gradient():
+    """With S = 2 draws, ``Statistics.batch_grads()`` (formed from the per-sample rows)
+    holds each draw's gradient of the mean loss — 1/N per draw, not 1/(S·N)."""
+    from curvlib.capture import Capture
+    from curvlib.sources import TrueFisher
+
+    model = mlp()
+    x, _ = data()
+    with Capture(model) as cap:
+        out = model(x)
+        stats = TrueFisher(num_samples=2, per_sample=True).collect(
+            model, "categorical", out, None, capture=cap,
+            generator=torch.Generator().manual_seed(0))
+        batch = stats.batch_grads()
+    assert len(stats.targets) == 2
+    for s, t in enumerate(stats.targets):
+        got = torch.cat([batch[n][s].flatten() for n, _ in model.named_parameters()])
+        assert_close(got, oracles.gradient(model, "categorical", x, t), rtol=1e-10,
+                     what=f"draw {s}")
