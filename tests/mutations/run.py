@@ -13,11 +13,13 @@ every entry, alone, this script
    ``PYTHONPATH`` set to the copy and ``CI=true`` (a pytest plugin written into the copy
    checks that ``curvlib`` is imported from the copy, not from the editable install),
 4. reports ``caught`` (with the first failing test), ``SURVIVED`` (every test passed),
-   ``stale``, ``TIMEOUT`` or ``ERROR``.
+   ``stale``, ``INVALID`` (the mutated file does not compile), ``TIMEOUT`` or ``ERROR``.
 
-A caught mutation is confirmed: the first failing test is run again on an unmutated copy and
-must pass there; if it fails there too the entry is reported ``BROKEN`` (the failure says
-nothing about the mutation; fix the tree or the test first). ``--no-confirm`` skips this.
+A caught mutation is confirmed: the first failing test is run again on an unmutated copy of
+the same snapshot and must pass there. A test that fails there too says nothing about the
+mutation: it is deselected and the mutated run resumes after the tests that already passed,
+up to ``--max-deselect`` times; then the entry is reported ``BROKEN`` (fix the tree or that
+test first). The table lists what was deselected. ``--no-confirm`` skips the confirmation.
 
 Not part of the test suite (no ``test_*`` names; pytest does not collect it). Run it on
 demand::
@@ -41,6 +43,7 @@ import os
 import py_compile
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +72,27 @@ def pytest_sessionstart(session):
     if not where.startswith(root + os.sep):
         pytest.exit(f"CURVLIB-MUTATION-GUARD: curvlib was imported from {where}, not from "
                     f"the scratch copy {root}", returncode=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    # a rerun after a deselection leaves out the tests already run (passed or deselected)
+    path = os.environ.get("CURVLIB_MUTATION_SKIP")
+    if not path or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        skip = set(fh.read().splitlines())
+    dropped = [item for item in items if item.nodeid in skip]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item.nodeid not in skip]
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("CURVLIB_MUTATION_PASSED")
+    if path and (report.when == "call" and report.passed
+                 or report.when == "setup" and report.skipped):
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(report.nodeid + "\\n")
 '''
 
 STATUSES = ("caught", "SURVIVED", "stale", "INVALID", "TIMEOUT", "BROKEN", "ERROR")
@@ -106,8 +130,8 @@ def load_table(path: Path) -> list[Mutation]:
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            sys.exit("reading mutations.toml needs Python >= 3.11 (tomllib) or `pip install "
-                     "tomli`")
+            _fail("reading mutations.toml needs Python >= 3.11 (tomllib) or `pip install "
+                  "tomli`")
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     entries = data.get("mutation", [])
@@ -135,8 +159,13 @@ def load_table(path: Path) -> list[Mutation]:
                 problems.append(f"{where}: no test file {t.split('::')[0]}")
         out.append(m)
     if problems:
-        sys.exit("bad mutation table:\n  " + "\n  ".join(problems))
+        _fail("bad mutation table:\n  " + "\n  ".join(problems))
     return out
+
+
+def _fail(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def occurrences(root: Path, m: Mutation) -> int:
@@ -193,23 +222,53 @@ def pytest_command(tests: list[str], args: list[str]) -> list[str]:
             "-p", GUARD_NAME, *args, *tests]
 
 
+_ACTIVE: set[subprocess.Popen] = set()  # running pytest processes (killed on interrupt)
+_ACTIVE_LOCK = threading.Lock()
+_STOP = threading.Event()  # set on interrupt: start no further pytest run
+
+
 def run_pytest(copy: Path, tests: list[str], args: list[str], timeout: float, threads: int,
-               log: Path) -> tuple[int | None, str, float]:
+               log: Path, extra_env: dict[str, str] | None = None
+               ) -> tuple[int | None, str, float]:
     """(return code or None on timeout, output, seconds)."""
+    if _STOP.is_set():
+        raise KeyboardInterrupt
     start = time.monotonic()
+    env = environment(copy, threads)
+    env.update(extra_env or {})
     with log.open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(pytest_command(tests, args)) + f"\n# cwd {copy}\n")
         fh.flush()
         proc = subprocess.Popen(pytest_command(tests, args), cwd=copy, stdout=fh,
-                                stderr=subprocess.STDOUT, env=environment(copy, threads),
-                                start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(proc)
         try:
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the whole pytest process group (its own session)
-            proc.wait()
+            _kill(proc)
             code = None
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(proc)
     return code, log.read_text(encoding="utf-8", errors="replace"), time.monotonic() - start
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the process group of one pytest run (it runs in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def kill_active() -> None:
+    _STOP.set()
+    with _ACTIVE_LOCK:
+        procs = list(_ACTIVE)
+    for proc in procs:
+        _kill(proc)
 
 
 # -- one mutation ------------------------------------------------------------------------------
@@ -244,19 +303,24 @@ class Runner:
                 return Result(m, "INVALID", detail=f"the mutated file does not compile: {error}")
             deselected: list[str] = []  # tests that fail without the mutation too
             seconds = 0.0
+            passed, skip = copy / "passed.txt", copy / "skip.txt"
+            env = {"CURVLIB_MUTATION_PASSED": str(passed), "CURVLIB_MUTATION_SKIP": str(skip)}
+            attempt = 0
             while True:
-                log = self.logs / f"{m.id}.log"
-                extra = [a for node in deselected for a in ("--deselect", node)]
-                code, output, spent = run_pytest(copy, m.tests, m.args + extra, self.timeout,
-                                                 self.threads, log)
+                log = self.logs / (f"{m.id}.log" if not attempt else f"{m.id}.{attempt}.log")
+                code, output, spent = run_pytest(copy, m.tests, m.args, self.timeout,
+                                                 self.threads, log, env)
                 seconds += spent
                 result = self._judge(m, code, output, seconds, log)
                 if result.status != "BROKEN" or len(deselected) >= self.max_deselect \
-                        or result.first_failure.split("::")[0] == result.first_failure:
+                        or "::" not in result.first_failure:
                     break
                 # a test already failing on the unmutated tree says nothing about this
-                # mutation: leave it out and look for the next failure
+                # mutation: leave it out, and resume after the tests that already passed
                 deselected.append(result.first_failure)
+                done = passed.read_text(encoding="utf-8") if passed.exists() else ""
+                skip.write_text(done + "".join(n + "\n" for n in deselected), encoding="utf-8")
+                attempt += 1
         finally:
             shutil.rmtree(copy, ignore_errors=True)
         result.deselected = deselected
@@ -328,6 +392,29 @@ def listing(mutations: list[Mutation]) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_all(runner: Runner, mutations: list[Mutation], jobs: int,
+            results: dict[str, Result]) -> None:
+    """Run the mutations, ``jobs`` at a time, printing each result as it comes."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = {pool.submit(runner.run, m): m for m in mutations}
+        for future in concurrent.futures.as_completed(futures):
+            m = futures[future]
+            try:
+                r = future.result()
+            except Exception as error:  # a harness failure: report it, keep going
+                r = Result(m, "ERROR", detail=f"{type(error).__name__}: {error}")
+            results[m.id] = r
+            print(f"[{len(results)}/{len(mutations)}] {m.id}: {r.status} ({r.seconds:.0f} s) "
+                  f"{short(r.first_failure) or r.detail}", flush=True)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,17 +461,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(files)} files) in {work}", flush=True)
 
     results: dict[str, Result] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        futures = {pool.submit(runner.run, m): m for m in mutations}
-        for future in concurrent.futures.as_completed(futures):
-            m = futures[future]
-            try:
-                r = future.result()
-            except Exception as error:  # a harness failure: report it, keep going
-                r = Result(m, "ERROR", detail=f"{type(error).__name__}: {error}")
-            results[m.id] = r
-            print(f"[{len(results)}/{len(mutations)}] {m.id}: {r.status} ({r.seconds:.0f} s) "
-                  f"{short(r.first_failure) or r.detail}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        run_all(runner, mutations, opts.jobs, results)
+    except KeyboardInterrupt:
+        kill_active()
+        for leftover in work.iterdir():  # the copies; the logs stay
+            if leftover.name != "logs":
+                shutil.rmtree(leftover, ignore_errors=True)
+        print(f"\ninterrupted; logs in {work / 'logs'}", file=sys.stderr)
+        return 130
 
     ordered = [results[m.id] for m in mutations]
     total = time.monotonic() - started
