@@ -722,8 +722,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t = self._step_count
         parts, contexts = self._pending, self._contexts
         stats = merge_statistics(parts) if parts else None
+        # every group's statistics and inverses first, then every group's move: statistics
+        # are formed lazily (a generic-plugin module's per-sample rows re-run the module), so
+        # a later group's must not see parameters an earlier group has moved
+        group_items = []
         for group in self.param_groups:
             items = [] if self._batch else self._items(group)
+            group_items.append(items)
             updated = False
             if stats is not None and t % int(group["stat_every"]) == 0 and items:
                 self.structure.update(items, stats, ema=float(group["ema"]))
@@ -739,6 +744,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         f"{self.last_refresh['kept']} factor(s) could not be inverted even in "
                         f"float64 with raised damping; their previous inverses were kept",
                         RuntimeWarning, stacklevel=2)
+        for group, items in zip(self.param_groups, group_items, strict=True):
             covered = {id(p) for _, p, _ in items}
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             params, grads, bufs = [], [], []

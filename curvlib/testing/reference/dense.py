@@ -10,8 +10,12 @@ columns: each member flattened row-major, concatenated in model order. Per block
 * ``statistics="batch"``: ``S_b = (1/S) Σ_s ḡ_{s,b} ḡ_{s,b}ᵀ`` from each draw's mean-loss
   gradient (:meth:`ReferenceStatistics.batch`);
 * ``F_b = S_b`` at the first update, then ``ema·F_b + (1 − ema)·S_b``;
-* the direction ``(F_b + λI)^{-1} [vec m_1; …; vec m_k]`` with :func:`torch.linalg.inv`, a
+* the direction ``(F_b + λI)^{-1} [vec m_1; …; vec m_k]`` with :func:`torch.linalg.inv`
+  (``λ`` the damping rule's value for ``F_b``: the hyperparameter, or ``α‖F_b‖_F``), a
   member without a vector counting as zero; the vector itself before the first refresh.
+
+With ``blocks="layer"`` a module's parameters must share one param group
+(:meth:`DenseReference.together`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class DenseReference(ReferenceStructure):
         """Every optimized tensor, scalars included."""
         return True
 
+    def together(self) -> list[tuple[str, ...]]:
+        """The blocks of several tensors (a module's, with ``blocks="layer"``)."""
+        return [block for block in self.blocks if len(block) > 1]
+
     def update(self, stats: ReferenceStatistics, ema: float) -> None:
         grads = stats.rows() if self.statistics == "per_sample" else stats.batch()
         for block in self.blocks:
@@ -67,7 +75,8 @@ class DenseReference(ReferenceStructure):
 
     def refresh(self, damping: float) -> None:
         for block, f in self.F.items():
-            self.inv[block] = torch.linalg.inv(f + damping * torch.eye(f.shape[0], dtype=F64))
+            lam = self.damp(damping, f)
+            self.inv[block] = torch.linalg.inv(f + lam * torch.eye(f.shape[0], dtype=F64))
 
     def direction(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {n: v.to(F64).clone() for n, v in vectors.items()}

@@ -3,12 +3,14 @@ r"""Dense float64 reference of the ``diagonal`` structure, from its definition.
 Per parameter (scalars included): ``s = (1/S) Σ_s G_s²`` from each draw's batch gradient
 (``statistics="batch"``) or ``s = (1/R) Σ_r g_r²`` from the ``R = S·N`` per-sample rows
 (``"per_sample"``), elementwise; ``v`` their EMA (first update sets); the direction
-``m / (v^power + λ)`` elementwise, with ``λ`` the damping hyperparameter and the reciprocal
-taken at refresh.
+``m / (v^power + ε)`` elementwise, the reciprocal taken at refresh, with ``ε_i`` the damping
+rule's value for the ``1 × 1`` block ``[v_i^power]`` (the hyperparameter, or ``α v_i^power``);
+a coordinate whose reciprocal is not finite keeps its previous one (``1`` before any).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from curvlib.testing.reference import (
@@ -44,7 +46,11 @@ class DiagonalReference(ReferenceStructure):
 
     def refresh(self, damping: float) -> None:
         for name, v in self.v.items():
-            self.scale[name] = 1.0 / (v.clamp_min(0) ** self.structure.power + damping)
+            root = (v.clamp_min(0) ** self.structure.power).reshape(-1)
+            eps = torch.stack([self.damp(damping, r.reshape(1, 1)) for r in root])
+            new = (1.0 / (root + eps)).reshape(v.shape)
+            old = self.scale.get(name, torch.ones_like(new))
+            self.scale[name] = torch.where(torch.isfinite(new), new, old)
 
     def direction(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}

@@ -14,10 +14,11 @@ concatenated):
   ``ẑ_r = Σ_t z``;
 
 per group of a grouped convolution. EMA as every structure (first sets), damping
-``A + π√λ I``, ``B + (√λ/π) I`` with ``π = √((tr A/dim A)/(tr B/dim B))`` under
-``pi_damping`` (1 otherwise, or if a trace is 0), inverses by :func:`torch.linalg.inv`, and the
-direction ``(⊕_g B_g⁻¹ ⊗ A_g⁻¹) [vec W, b]`` built densely with :func:`torch.kron` in
-parameter order.
+``A + π√λ_A I``, ``B + (√λ_B/π) I`` (``λ_A``, ``λ_B`` the damping rule's values for the
+undamped ``A`` and ``B``: the hyperparameter, or ``α‖A‖_F`` and ``α‖B‖_F``) with
+``π = √((tr A/dim A)/(tr B/dim B))`` under ``pi_damping`` (1 otherwise, or if a trace is 0),
+inverses by :func:`torch.linalg.inv`, and the direction ``(⊕_g B_g⁻¹ ⊗ A_g⁻¹) [vec W, b]``
+built densely with :func:`torch.kron` in parameter order.
 """
 
 from __future__ import annotations
@@ -150,7 +151,6 @@ class ReferenceKFAC(ReferenceStructure):
         super().__init__(structure, model, names)
         self.mode = getattr(structure, "mode", "expand")
         self.pi_damping = bool(getattr(structure, "pi_damping", False))
-        self.damping_rule = "constant"
         self.a: dict[str, Tensor] = {}
         self.b: dict[str, Tensor] = {}
         self.inverse: dict[str, Tensor] = {}  # module name → dense (P_layer, P_layer)
@@ -188,10 +188,12 @@ class ReferenceKFAC(ReferenceStructure):
             self.a[module] = ema_update(self.a.get(module), a, ema)
             self.b[module] = ema_update(self.b.get(module), b, ema)
 
+    def together(self) -> list[tuple[str, ...]]:
+        """A layer's weight and bias: one block."""
+        return [tuple(names) for names in self.layers().values() if len(names) > 1]
+
     def _damping(self, matrix: Tensor, value: float) -> float:
-        if self.damping_rule == "frobenius":
-            return value * torch.linalg.matrix_norm(matrix).item()
-        return value
+        return float(self.damp(value, matrix))
 
     def refresh(self, damping: float) -> None:
         for module, names in self.layers().items():

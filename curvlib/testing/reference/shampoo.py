@@ -4,7 +4,8 @@ Per covered tensor with (reshaped) dims ``d_1 … d_k``: mode statistics
 ``S_i = (1/S) Σ_s mat_i(G_s) mat_i(G_s)ᵀ`` from each draw's batch gradient (``mat_i`` by
 ``movedim``/``reshape``), ``H_i`` their EMA (first update sets), preconditioners
 ``P_i = V diag((max(λ, 0) + ε)^{-1/p}) Vᵀ`` from ``torch.linalg.eigh(H_i) = V diag(λ) Vᵀ``
-(``P_i = I`` for modes longer than ``max_dim``), and the direction
+(``P_i = I`` for modes longer than ``max_dim``; ``ε`` the damping rule's value for ``H_i``:
+the hyperparameter, or ``α‖H_i‖_F``), and the direction
 ``(P_1 ⊗ … ⊗ P_k) vec(m)`` by the dense Kronecker product (row-major ``vec``).
 ``p`` is the structure's ``root`` or twice the order of the reshaped tensor.
 """
@@ -73,7 +74,8 @@ class ShampooReference(ReferenceStructure):
     def refresh(self, damping: float) -> None:
         for name, hs in self.h.items():
             p = self._power(name)
-            self.p[name] = [None if h is None else inverse_root(h, damping, p) for h in hs]
+            self.p[name] = [None if h is None else inverse_root(h, self.damp(damping, h), p)
+                            for h in hs]
 
     def direction(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}

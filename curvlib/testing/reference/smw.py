@@ -1,5 +1,9 @@
 """References of ``smw`` and ``coefficient_sharing``: the damped Fisher of each block solved
-densely (``P_b × P_b``), and stored push-through coefficients from the definition."""
+densely (``P_b × P_b``), and stored push-through coefficients from the definition.
+
+Each block is damped with the ``damping`` of its param group (a block spanning groups needs
+one value: :meth:`ReferenceSMW.shared_damping`), through the damping rule's reference applied
+to the block's per-sample Gram ``VVᵀ``."""
 
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ def _unflat(vector: Tensor, names: list[str], shapes: dict[str, torch.Size]
 class ReferenceSMW(ReferenceStructure):
     """``λ(F + λI)⁻¹g`` (scale ``sgd``) or ``(F + λI)⁻¹g`` (``natural``) per block, with
     ``F = VᵀV/R`` over the source's ``R`` per-sample rows ``V`` (the data's rows with data
-    targets) and ``g`` the data's mean gradient; ``λ = α‖VVᵀ‖_F`` (frobenius rule) or the
-    damping itself (constant rule)."""
+    targets) and ``g`` the data's mean gradient; ``λ`` the damping rule's value for the Gram
+    ``VVᵀ`` with the block's ``α`` (frobenius: ``α‖VVᵀ‖_F``; constant: ``α`` itself)."""
 
     preconditions = "batch"
 
@@ -57,10 +61,24 @@ class ReferenceSMW(ReferenceStructure):
         params = dict(self.model.named_parameters())
         return [n for n in self.names if self.covers(n, params[n], modules[self.owners[n]])]
 
+    def shared_damping(self) -> list[tuple[str, ...]]:
+        """Each block: one ``λ``, so one ``damping`` value, whatever the param groups."""
+        inner = getattr(self.structure, "inner", self.structure)
+        return [tuple(names) for names in self.partition(self._covered(), inner.blocks).values()
+                if len(names) > 1]
+
+    @staticmethod
+    def _alpha(damping: float | dict[str, float], names: list[str]) -> float:
+        """The block's damping hyperparameter (one value, or one per parameter name)."""
+        if not isinstance(damping, dict):
+            return float(damping)
+        values = {float(damping[n]) for n in names}
+        if len(values) != 1:
+            raise ValueError(f"block {names} spans dampings {sorted(values)}")
+        return values.pop()
+
     def _lambda(self, rows: Tensor, alpha: float) -> Tensor:
-        if self.damping_rule == "frobenius":
-            return alpha * torch.linalg.matrix_norm(rows @ rows.T)
-        return torch.tensor(alpha, dtype=rows.dtype)
+        return self.damp(alpha, rows @ rows.T).to(rows.dtype)
 
     def precondition(self, step, data, curvature, damping):
         inner = getattr(self.structure, "inner", self.structure)
@@ -73,7 +91,7 @@ class ReferenceSMW(ReferenceStructure):
             u = _flat(g_rows, names)
             g = u.mean(0)
             v = _flat(v_rows, names)
-            lam = self._lambda(v, damping)
+            lam = self._lambda(v, self._alpha(damping, names))
             if lam == 0:  # the frobenius rule with V = 0: no curvature, and g = 0 too
                 d = g
             else:
@@ -114,7 +132,7 @@ class ReferenceSharing(ReferenceSMW):
                 u = _flat(rows, names)
                 k = u @ u.T
                 m = k.shape[0]
-                lam = self._lambda(u, damping)
+                lam = self._lambda(u, self._alpha(damping, names))
                 if lam == 0:
                     coefficients[block] = torch.full((m,), 1.0 / m, dtype=k.dtype)
                     continue

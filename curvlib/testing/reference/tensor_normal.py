@@ -12,9 +12,10 @@ For a tensor ``W`` seen with shape ``dims = (d_1, …, d_k)`` (order-4 convoluti
 * eq. (5): ``Ũ_i = H_i / (c_0^{k−1} ∏_{j≠i} d_j)``, ``c_0 = (tr H / ∏_j d_j)^{1/k}``,
   ``tr H`` the mean of the factored modes' traces (equal in exact arithmetic); a zero trace
   gives ``Ũ_i = 0`` (the limit of eq. (5));
-* ``(Ũ_i + λI)^{-1}`` by :func:`torch.linalg.inv`, one per factored mode (modes longer than
-  ``max_dim``: the identity), and ``vec(p) = kron_i(inverse_i) vec(m)`` (row-major ``vec``)
-  by :func:`torch.kron`.
+* ``(Ũ_i + ε_i I)^{-1}`` by :func:`torch.linalg.inv`, one per factored mode (modes longer than
+  ``max_dim``: the identity), ``ε_i`` the damping rule's value for the *normalised* factor
+  ``Ũ_i`` (``constant``: the hyperparameter; ``frobenius``: ``α‖Ũ_i‖_F``), and
+  ``vec(p) = kron_i(inverse_i) vec(m)`` (row-major ``vec``) by :func:`torch.kron`.
 
 The helpers are public so that other tests (the optimizer's end-to-end TNT reference) use
 the same formulas instead of restating them.
@@ -122,7 +123,8 @@ class TensorNormalReference(ReferenceStructure):
                 continue
             us = normalised(hs, self.dims[name])
             self.inv[name] = [None if u is None else
-                              torch.linalg.inv(u + damping * torch.eye(u.shape[0], dtype=F64))
+                              torch.linalg.inv(u + self.damp(damping, u)
+                                               * torch.eye(u.shape[0], dtype=F64))
                               for u in us]
 
     def direction(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
