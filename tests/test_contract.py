@@ -37,109 +37,52 @@ from curvlib.errors import (
 from curvlib.structures.smw import SMW
 from curvlib.testing import oracles
 from curvlib.testing.assertions import assert_close
+from curvlib.testing.families import FAMILIES, FamilyCase, family_cases
+from curvlib.testing.reference import check_steps
 from curvlib.testing.strategies import examples
 
 F64 = torch.float64
 
 
-# -- the model families ----------------------------------------------------------------------
-
-
-class FunctionalReuse(nn.Module):
-    """``lin2.weight`` is used by ``lin2`` and again through ``F.linear``."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin1, self.lin2 = nn.Linear(3, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.lin1(x))
-        return self.lin2(h) + 0.5 * F.linear(h, self.lin2.weight)
-
-
-class TiedLM(nn.Module):
-    """An LM-style head tied to the embedding, the Linear registered first."""
-
-    def __init__(self, vocab=5, dim=3):
-        super().__init__()
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.emb = nn.Embedding(vocab, dim)
-        self.mix = nn.Linear(dim, dim)
-        self.head.weight = self.emb.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mix(self.emb(tokens))))
-
-
-class Attention(nn.Module):
-    """``nn.MultiheadAttention`` (its ``out_proj`` forward is never called), then a Linear."""
-
-    def __init__(self, dim=4, heads=2, classes=3):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.out = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        h, _ = self.attn(x, x, x, need_weights=False)
-        return self.out(h.mean(1))
-
-
-class Encoder(nn.Module):
-    """A ``TransformerEncoderLayer`` (eval mode: no dropout) and a Linear head."""
-
-    def __init__(self, dim=4, classes=3):
-        super().__init__()
-        self.layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=6, dropout=0.0,
-                                                batch_first=True)
-        self.out = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        return self.out(self.layer(x).mean(1))
+# -- the model families (curvlib.testing.families) --------------------------------------------
 
 
 def family(name: str, seed: int, n: int):
-    """(model, inputs, targets), float64."""
-    torch.manual_seed(seed)
-    if name == "functional":
-        model, x = FunctionalReuse(), torch.randn(n, 3)
-    elif name == "tied":
-        model, x = TiedLM(), torch.randint(0, 5, (n,))
-    elif name == "attention":
-        model, x = Attention(), torch.randn(n, 2, 4)
-    else:
-        model, x = Encoder().eval(), torch.randn(n, 2, 4)
-    model = model.to(F64)
-    x = x.to(F64) if x.is_floating_point() else x
-    with torch.no_grad():
-        classes = model(x).shape[-1]
-    y = torch.randint(0, classes, (n,))
-    return model, x, y
-
-
-FAMILIES = ["functional", "tied", "attention", "encoder"]
+    """(model, inputs, targets) of a fixed member of a family, float64."""
+    case = FamilyCase(name, width=4, heads=2, classes=3, length=2, batch_size=n, seed=seed)
+    return case.model, case.inputs, case.targets
 
 
 def recipes():
     """name → builder(model) for every recipe (and a plain ``smw``), gentle settings."""
+    def gen():  # each optimizer its own generator
+        return {"generator": torch.Generator().manual_seed(0)}
+
     return {
-        "TNT": lambda m: curvlib.TNT(m, "categorical", lr=0.1, damping=0.1,
-                                     generator=torch.Generator().manual_seed(0)),
-        "EmpiricalTNT": lambda m: curvlib.EmpiricalTNT(m, "categorical", lr=0.1, damping=0.1),
-        "Shampoo": lambda m: curvlib.Shampoo(m, "categorical", lr=0.1, damping=0.1),
-        "KFAC": lambda m: curvlib.KFAC(m, "categorical", lr=0.1, damping=0.1,
-                                       generator=torch.Generator().manual_seed(0)),
-        "FNGD": lambda m: curvlib.FNGD(m, "categorical", lr=0.1, alpha=1e12,
-                                       steps_per_epoch=1),
-        "NaturalGradient": lambda m: curvlib.NaturalGradient(
-            m, "categorical", lr=0.1, damping=0.1, generator=torch.Generator().manual_seed(0)),
-        "smw": lambda m: curvlib.assemble(m, "categorical", source="gram",
-                                          structure=SMW(blocks="tensor", cover="all"),
-                                          damping_rule="constant", lr=0.1, damping=0.5),
+        "TNT": lambda m, **kw: curvlib.TNT(m, "categorical", lr=0.1, damping=0.1, **gen(), **kw),
+        "EmpiricalTNT": lambda m, **kw: curvlib.EmpiricalTNT(m, "categorical", lr=0.1,
+                                                             damping=0.1, **kw),
+        "Shampoo": lambda m, **kw: curvlib.Shampoo(m, "categorical", lr=0.1, damping=0.1, **kw),
+        "KFAC": lambda m, **kw: curvlib.KFAC(m, "categorical", lr=0.1, damping=0.1, **gen(),
+                                             **kw),
+        "FNGD": lambda m, **kw: curvlib.FNGD(m, "categorical", lr=0.1, alpha=0.5,
+                                             steps_per_epoch=2, **kw),
+        "NaturalGradient": lambda m, **kw: curvlib.NaturalGradient(
+            m, "categorical", lr=0.1, damping=0.1, **gen(), **kw),
+        "smw": lambda m, **kw: curvlib.assemble(m, "categorical", source="gram",
+                                                structure=SMW(blocks="tensor", cover="all"),
+                                                damping_rule="constant", lr=0.1, damping=0.5,
+                                                **kw),
     }
 
 
-#: What each recipe does on each family: "exact" (checked) or "refused".
+RECIPES = sorted(recipes())
+
+
+#: What each recipe does on each family: "exact" (equal to the dense reference) or "refused".
 EXPECTED = {
+    # every component handles the plain MLP
+    **{("mlp", r): "exact" for r in RECIPES},
     # batch gradients from ordinary backward passes see every use of every parameter
     **{(f, r): "exact" for f in FAMILIES for r in ("TNT", "EmpiricalTNT", "Shampoo")},
     # per-sample statistics from layer records: a tied weight is summed over its owners,
@@ -181,61 +124,42 @@ def run_or_refuse(build, model, x, y):
     return opt, False
 
 
-def check_exact(name, opt, model, x, y, stats_seen):
-    """The step's curvature input equals its definition."""
-    rows = oracles.per_sample_grads(model, "categorical", x, y)  # (N, P), data targets
-    flat_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
-    if opt.structure.preconditions == "vector":
-        assert_close(flat_grad, rows.mean(0), rtol=1e-10, what=f"{name}: gradient")
-    if name in ("TNT", "EmpiricalTNT", "Shampoo"):
-        (stats,) = stats_seen
-        batch = stats.batch_grads()
-        targets = stats.targets[0] if stats.sampled else y
-        expected = oracles.gradient(model, "categorical", x, targets)
-        got = torch.cat([batch[n][0].flatten() for n, _ in model.named_parameters()])
-        assert_close(got, expected, rtol=1e-10, what=f"{name}: batch gradient statistics")
-    elif name == "FNGD":  # α = 1e12: the SMW direction is the plain gradient
-        assert_close(flat_grad, rows.mean(0), rtol=1e-8, what="FNGD at huge alpha")
-    elif name == "smw":  # blocks="tensor", constant λ: λ (λI + UᵀU/N)⁻¹ g per tensor
-        lam, start, expected = 0.5, 0, []
-        for p in model.parameters():
-            u = rows[:, start:start + p.numel()]
-            start += p.numel()
-            g = u.mean(0)
-            a = lam * torch.eye(u.shape[1], dtype=F64) + u.T @ u / u.shape[0]
-            expected.append(lam * torch.linalg.solve(a, g))
-        assert_close(flat_grad, torch.cat(expected), rtol=1e-9, what="smw direction")
-    elif name == "NaturalGradient":
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+def with_an_added_group(build):
+    """``build`` on the first module's parameters, the rest added with ``add_param_group``
+    with another ``lr`` and ``damping`` (the groups keep every layer whole)."""
 
-
-@settings(max_examples=examples(0.25), deadline=None)
-@given(name=st.sampled_from(FAMILIES), recipe=st.sampled_from(sorted(recipes())),
-       seed=st.integers(0, 2**16), n=st.integers(1, 5))
-def test_every_recipe_on_every_family_is_exact_or_refused(name, recipe, seed, n):
-    model, x, y = family(name, seed, n)
-    build = recipes()[recipe]
-    seen = []
-
-    def spying(m):
-        opt = build(m)
-        collect = opt.source.collect
-
-        def spy(*args, **kwargs):
-            stats = collect(*args, **kwargs)
-            seen.append(stats)
-            return stats
-
-        opt.source.collect = spy
+    def built(model):
+        names = [n for n, _ in model.named_parameters()]
+        first = [p for n, p in model.named_parameters()
+                 if n.rpartition(".")[0] == names[0].rpartition(".")[0]]
+        rest = [p for p in model.parameters() if all(p is not q for q in first)]
+        opt = build(model, params=first)
+        group = opt.param_groups[0]
+        opt.add_param_group({"params": rest, "lr": group["lr"] / 2,
+                             "damping": group["damping"] * 3})
         return opt
 
-    opt, refused = run_or_refuse(spying, model, x, y)
-    assert ("refused" if refused else "exact") == EXPECTED[(name, recipe)], (name, recipe)
+    return built
+
+
+@settings(deadline=None)  # the profile's full count
+@given(case=family_cases(), recipe=st.sampled_from(RECIPES), added=st.booleans())
+def test_every_recipe_on_every_family_is_exact_or_refused(case, recipe, added):
+    """Refused before anything changes, or three steps (FNGD: refresh, shared, refresh) equal
+    to :func:`curvlib.testing.reference.check_steps`'s dense float64 reference, parameters and
+    steps to 1e-10 — also with the layers after the first added by ``add_param_group``."""
+    build = recipes()[recipe]
+    if added:
+        build = with_an_added_group(build)
+    _, refused = run_or_refuse(build, case.model, case.inputs, case.targets)
+    assert ("refused" if refused else "exact") == EXPECTED[(case.family, recipe)], case
     if refused:
         return
-    check_exact(recipe, opt, model, x, y, seen)
-    opt.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model = case.new_model()
+    opt = build(model)
+    batches = [(case.inputs, case.targets), case.batch(case.seed + 2), case.batch(case.seed + 3)]
+    check_steps(opt, model, "categorical", batches, step_rtol=1e-10, step_atol=None)
+    assert opt.skipped_steps == 0 and all(r.preconditioned for r in opt.coverage())
 
 
 def test_the_refusal_names_the_parameter_and_a_fix_that_works():
@@ -311,32 +235,74 @@ def test_a_plain_backward_then_step_is_refused_for_every_recipe(recipe):
     assert unchanged(before, model) and not opt.state and opt.step_count == 0
 
 
-@pytest.mark.parametrize("structure", ["tensor_normal", "kfac", "shampoo", "diagonal", "dense"])
-def test_accumulated_micro_batches_give_the_statistics_of_the_whole_batch(structure):
-    """Two ``opt.backward`` calls, one step: ``.grad`` is the sum of the micro-batches'
-    gradients (as torch accumulates) and the statistics are the concatenated batch's."""
-    x, y = data(7)
-    states = []
-    for split in ([slice(0, 7)], [slice(0, 3), slice(3, 7)]):
-        model = mlp()
-        opt = curvlib.assemble(model, "categorical", source="empirical", structure=structure,
-                               solver="eigh",
-                               lr=0.1, damping=0.1, momentum=0.0, inverse_every=1)
-        opt.zero_grad()
-        for s in split:
-            opt.backward(model(x[s]), y[s])
-        summed = oracles.per_sample_grads(mlp(), "categorical", x, y)
-        expected = sum(summed[s].mean(0) for s in split)
-        assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]), expected,
-                     rtol=1e-10, what=".grad")
+#: builders whose statistics are deterministic (data targets), so a batch cut in two
+#: micro-batches has the same statistics as the whole: the recipes, and empirical-source
+#: assemblies of every vector structure
+ACCUMULATING = {
+    **{r: recipes()[r] for r in ("EmpiricalTNT", "Shampoo", "FNGD", "smw")},
+    **{s: (lambda m, s=s: curvlib.assemble(m, "categorical", source="empirical", structure=s,
+                                           solver="eigh", lr=0.1, damping=0.1, momentum=0.0,
+                                           inverse_every=1))
+       for s in ("tensor_normal", "kfac", "shampoo", "diagonal", "dense")},
+}
+def _grad(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _structure_state(opt, model):
+    return {(i, k): v for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()
+            if isinstance(v, torch.Tensor) and k != "momentum_buffer"}
+
+
+@settings(max_examples=examples(0.5), deadline=None)
+@given(case=family_cases(min_batch=2, max_batch=6), name=st.sampled_from(sorted(ACCUMULATING)),
+       cut=st.integers(1, 5))
+def test_accumulated_micro_batches_are_the_sum_of_their_own_steps(case, name, cut):
+    """Two ``opt.backward`` calls, one step. ``.grad`` is the sum of what each micro-batch
+    would have given alone: the micro-batches' gradients (vector structures, from the
+    oracles), or their own preconditioned gradients (batch structures, each from an optimizer
+    that saw that micro-batch alone); a vector structure's statistics are the concatenated
+    batch's (its state after the step equals that of one backward on the whole batch).
+    Where the whole batch is refused, the first micro-batch is, with nothing changed."""
+    build = ACCUMULATING[name]
+    x, y = case.inputs, case.targets
+    cut = min(cut, len(y) - 1)
+    parts = (slice(0, cut), slice(cut, len(y)))
+    whole_model = case.new_model()
+    whole = build(whole_model)
+    try:
+        whole.backward(whole_model(x), y)
+    except CurvlibError as refusal:
+        model = case.new_model()
+        opt = build(model)
+        with pytest.raises(type(refusal)):
+            opt.backward(model(x[parts[0]]), y[parts[0]])
+        assert all(p.grad is None for p in model.parameters()) and not opt.state
+        return
+    whole.step()
+    model = case.new_model()
+    opt = build(model)
+    opt.zero_grad()
+    for s in parts:
+        opt.backward(model(x[s]), y[s])
+    got = _grad(model)
+    if opt.structure.preconditions == "vector":
+        rows = oracles.per_sample_grads(case.new_model(), "categorical", x, y)
+        expected = sum(rows[s].mean(0) for s in parts)
+        assert_close(got, expected, rtol=1e-10, what=".grad, accumulated")
         opt.step()
-        states.append({(i, k): v for i, p in enumerate(model.parameters())
-                       for k, v in opt.state[p].items()
-                       if isinstance(v, torch.Tensor) and k != "momentum_buffer"})
-    whole, parts = states
-    assert whole.keys() == parts.keys() and whole
-    for k in whole:
-        assert_close(parts[k].to(F64), whole[k].to(F64), rtol=1e-10, what=str(k))
+        mine, theirs = _structure_state(opt, model), _structure_state(whole, whole_model)
+        assert mine.keys() == theirs.keys() and mine, name
+        for k in mine:
+            assert_close(mine[k].to(F64), theirs[k].to(F64), rtol=1e-10, what=f"{name} {k}")
+    else:
+        alone = []
+        for s in parts:
+            m = case.new_model()
+            o = build(m)
+            o.backward(m(x[s]), y[s])
+            alone.append(_grad(m))
+        assert_close(got, alone[0] + alone[1], rtol=1e-10, what=f"{name}, accumulated")
 
 
 def test_micro_batches_that_cannot_be_merged_are_refused_before_anything_changes():
@@ -350,27 +316,6 @@ def test_micro_batches_that_cannot_be_merged_are_refused_before_anything_changes
     with pytest.raises(UsageError, match="accumulated"):
         opt.backward(model(x[3:]), y[3:])
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
-
-
-def test_smw_accumulation_sums_each_micro_batch_own_direction():
-    x, y = data(7)
-
-    def build(m):
-        return curvlib.assemble(m, "categorical", source="gram", structure="smw",
-                                lr=0.1, damping=0.3, momentum=0.0)
-
-    expected = []
-    for s in (slice(0, 3), slice(3, 7)):
-        model = mlp()
-        opt = build(model)
-        opt.backward(model(x[s]), y[s])
-        expected.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    model = mlp()
-    opt = build(model)
-    for s in (slice(0, 3), slice(3, 7)):
-        opt.backward(model(x[s]), y[s])
-    got = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert_close(got, expected[0] + expected[1], rtol=1e-10, what="accumulated smw")
 
 
 def test_add_param_group_is_preconditioned_and_stray_tensors_refused():

@@ -12,6 +12,9 @@ Strategies:
 * :func:`problems` — a :class:`Problem`: model, likelihood, matching inputs and targets;
 * :func:`linear_cases`, :func:`conv_cases`, :func:`generic_cases` — single modules with
   their calls, for the layer-plugin contract (:mod:`curvlib.testing.contract`);
+* :func:`family_cases` — the correctness contract's model families beyond the specs: a weight
+  reused through ``F.linear``, a tied embedding/head, ``nn.MultiheadAttention``, an
+  ``nn.TransformerEncoderLayer`` and a plain MLP (:mod:`curvlib.testing.families`);
 * :func:`spd_matrices` — symmetric positive-definite matrices with a controlled spectrum;
 * :func:`tensor_shapes` (order 1–4), :func:`batch_sizes` (from 1), :func:`dampings`
   (log-uniform), :func:`seeds`, :func:`likelihood_names`.
@@ -39,6 +42,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from curvlib.likelihoods import as_likelihood
+from curvlib.testing.families import FAMILIES, FamilyCase, family_cases
 
 if TYPE_CHECKING:
     from curvlib.testing.contract import LayerCase
@@ -46,13 +50,16 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATIONS",
     "BUILTIN_LIKELIHOODS",
+    "FAMILIES",
     "PROFILE_EXAMPLES",
+    "FamilyCase",
     "ModelSpec",
     "Problem",
     "batch_sizes",
     "conv_cases",
     "dampings",
     "examples",
+    "family_cases",
     "generic_cases",
     "likelihood_names",
     "linear_cases",
