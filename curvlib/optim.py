@@ -586,11 +586,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._bad_batch:  # already rejected (and warned about) by the structure
             return torch.full_like(loss, float("nan"))
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        worst = [loss.detach().abs().reshape(1).float()]
-        if grads:
-            worst.append(torch.stack(torch._foreach_norm(grads, float("inf"))).float()
-                         .to(loss.device).max().reshape(1))
-        if bool(torch.isfinite(torch.cat(worst).max())):
+        if not bool(_non_finite_flag([loss.detach().reshape(1), *grads], loss.device)):
             return loss
         self._bad_batch = True
         warnings.warn(
@@ -1145,3 +1141,29 @@ def assemble(
         model, likelihood, source=as_source(source), structure=structure,
         solver=as_solver(solver), damping_rule=as_damping(damping_rule), params=params,
         generator=generator, **hyper)
+
+
+def _non_finite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """A one-element float tensor on ``device``: nonzero iff some entry of ``tensors`` is
+    Inf or NaN. Reads each tensor once, overflows nothing (no norm is formed) and does not
+    synchronise: torch's own check for ``GradScaler`` (an in-place multiplication by exactly
+    1, which leaves every value as it is), per device and floating dtype; where a torch build
+    has no kernel for it, the entries' minimum and maximum (NaN and ±Inf survive both)."""
+    flag = torch.zeros(1, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        t = t._values() if t.is_sparse else t  # a sparse gradient: its stored entries
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (dev, dtype), group in groups.items():
+        if not dtype.is_floating_point:
+            continue
+        found = torch.zeros(1, device=dev)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, found, torch.ones(1, device=dev))
+        except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
+            ends = torch.stack([v.float() for t in group if t.numel() for v in torch.aminmax(t)])
+            found = (~torch.isfinite(ends)).any().float().reshape(1) if len(ends) else found
+        flag = flag + found.to(device)
+    return flag
+

@@ -414,6 +414,38 @@ def test_a_non_finite_batch_skips_the_step_and_changes_nothing(recipe):
     assert opt.step_count == 2 and opt.state_dict()["curvlib"]["skipped"] == 1
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["amp-kernel", "fallback"])
+@pytest.mark.parametrize("bad", [None, math.inf, -math.inf, math.nan, 3e38])
+def test_the_non_finite_flag_sees_every_inf_and_nan_and_leaves_values_alone(
+        kernel, bad, monkeypatch):
+    """The check behind the policy: flags ±Inf and NaN in any tensor, any floating dtype,
+    sparse values too, never a large finite value (3e38 in float32: a norm would overflow),
+    and leaves every value as it was; the same with torch's kernel and without it."""
+    from curvlib.optim import _non_finite_flag
+
+    if not kernel:
+        def missing(*args, **kwargs):
+            raise NotImplementedError("no kernel")
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    tensors = [torch.randn(3, 4), torch.randn(5, dtype=F64), torch.randn(2, 2).to_sparse(),
+               torch.arange(3), torch.zeros(0)]
+    for where in range(3):
+        copies = [t.clone() for t in tensors]
+        if bad is not None:
+            target = copies[where]
+            if target.is_sparse:
+                target._values()[1] = bad
+            else:
+                target.view(-1)[1] = bad
+        before = [t.clone() for t in copies]
+        flag = _non_finite_flag(copies, torch.device("cpu"))
+        finite = bad is None or math.isfinite(bad)
+        assert bool(flag) == (not finite), (where, bad)
+        for a, b in zip(before, copies, strict=True):
+            a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b)
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 @pytest.mark.parametrize("key", ["lr", "damping", "momentum", "weight_decay", "ema"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_hyperparameters_are_refused_everywhere(key, value):
